@@ -1,0 +1,674 @@
+// Package micro is a standard library for microservices in one flat package:
+// RPC over the Connect protocol, service discovery, client-side load
+// balancing and codecs by content type, with nothing beyond the Go standard
+// library, golang.org/x/net and golang.org/x/sync.
+//
+// # Quick start
+//
+//	type Greeter struct{}
+//
+//	func (g *Greeter) Hello(ctx context.Context, req *HelloRequest, rsp *HelloResponse) error {
+//		rsp.Message = "hello " + req.Name
+//		return nil
+//	}
+//
+//	func main() {
+//		svc := micro.NewService(micro.Name("greeter"), micro.Version("1.0.0"))
+//		if err := svc.Init(); err != nil { // -name, -address, ... and MICRO_* variables
+//			log.Fatal(err)
+//		}
+//		if err := micro.RegisterHandler(svc.Server(), new(Greeter)); err != nil {
+//			log.Fatal(err)
+//		}
+//		log.Fatal(svc.Run()) // serve and register until SIGINT/SIGTERM, then drain
+//	}
+//
+// Another service calls it by name:
+//
+//	var rsp HelloResponse
+//	err := svc.Client().Call(ctx, "greeter", "Greeter.Hello", &HelloRequest{Name: "ada"}, &rsp)
+//
+// and so does curl, since the wire format is Connect's:
+//
+//	curl -H 'Content-Type: application/json' -d '{"name":"ada"}' http://127.0.0.1:PORT/Greeter/Hello
+//
+// # Service
+//
+// A [Service] owns a [Server], a [Client] and a [Registry]. [Service.Run]
+// starts the server, registers the node with a TTL and refreshes it on an
+// interval (a registry that is down at start is retried, never fatal), and on
+// SIGINT, SIGTERM or the end of its context deregisters first, then stops
+// accepting and lets calls in flight finish within a grace period.
+// [Service.Start] and [Service.Stop] do the same for code that embeds a
+// service.
+//
+// # RPC
+//
+// [RegisterHandler] exposes the exported methods of a value as endpoints
+// ("Greeter.Hello" at POST /Greeter/Hello). Requests and replies follow the
+// Connect protocol's unary form: the body is the message in the codec named
+// by Content-Type, errors are an HTTP status with {"code","message"} JSON,
+// Connect-Timeout-Ms carries the deadline and other headers carry metadata
+// ([FromContext], [NewContext], [SetHeader]). Every error that crosses the
+// wire is an [*Error] with one of sixteen [Code]s.
+//
+// [HandlerWrapper] and [CallWrapper] are middleware for servers and clients.
+//
+// # Codecs
+//
+// JSON (the default), proto (through the messages' own Marshal methods), gob,
+// raw bytes and plain text are built in; [WithCodec] adds others.
+//
+// # Discovery and balancing
+//
+// A [Registry] maps service names to nodes. [MemoryRegistry] serves one
+// process. The client caches lookups, refreshes them from a watch, and shares
+// one lookup among concurrent misses. A [Balancer] picks the node for each
+// attempt; the default, [NodeBalancer] with [LeastInFlight], ejects nodes that
+// keep failing and probes them back. Calls that fail to reach a node, or get
+// [CodeUnavailable], are retried on another node within the deadline and a
+// retry budget; application errors never are.
+package micro
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// Service is a runnable microservice: a server, a client and a registry under
+// one name. Create it with [NewService], configure it with [Service.Init],
+// register handlers on [Service.Server], then [Service.Run] (or Start and
+// Stop). Its methods are safe for concurrent use.
+type Service struct {
+	mu       sync.Mutex
+	opts     serviceOptions
+	server   *Server
+	client   *Client
+	registry Registry
+	ownsReg  bool // the registry was made here and is closed by Stop
+	ln       net.Listener
+	info     *ServiceInfo // as registered
+	running  bool
+	stopped  chan struct{} // closed by Stop, ends Run
+	cancel   context.CancelFunc
+	wg       sync.WaitGroup
+	serveErr chan error
+}
+
+type serviceOptions struct {
+	name             string
+	version          string
+	address          string
+	advertise        string
+	metadata         map[string]string
+	registry         Registry
+	registryName     string
+	registerTTL      time.Duration
+	registerInterval time.Duration
+	gracePeriod      time.Duration
+	ctx              context.Context
+	signal           bool
+	args             []string
+	logger           *slog.Logger
+	beforeStart      []func() error
+	afterStart       []func() error
+	beforeStop       []func() error
+	afterStop        []func() error
+
+	serverOpts []ServerOption
+	clientOpts []ClientOption
+}
+
+// ServiceOption configures a [Service]. Server and client options are service
+// options too, applied to the service's server and client.
+type ServiceOption interface {
+	applyService(*serviceOptions)
+}
+
+// Option configures every component that takes it: a service, a server and a
+// client alike (a codec, a registry, a logger).
+type Option interface {
+	ServerOption
+	ClientOption
+}
+
+// NewService returns a service with the options. Unless [WithRegistry] says
+// otherwise, it uses a [MemoryRegistry] of its own, so only its own client can
+// find it: share one registry between services in a process.
+func NewService(opts ...ServiceOption) *Service {
+	s := &Service{
+		opts: serviceOptions{
+			name:             filepath.Base(os.Args[0]),
+			address:          ":0",
+			registerTTL:      90 * time.Second,
+			registerInterval: 30 * time.Second,
+			gracePeriod:      10 * time.Second,
+			signal:           true,
+			args:             os.Args[1:],
+			logger:           rpcDiscard,
+		},
+	}
+	for _, o := range opts {
+		o.applyService(&s.opts)
+	}
+	s.server = NewServer(append([]ServerOption{serverName(s.opts.name)}, s.opts.serverOpts...)...)
+	s.setRegistry()
+	s.client = NewClient(append(s.opts.clientOpts, WithRegistry(s.registry))...)
+	return s
+}
+
+func (s *Service) setRegistry() {
+	if s.ownsReg {
+		if c, ok := s.registry.(interface{ Close() error }); ok {
+			c.Close()
+		}
+	}
+	s.registry, s.ownsReg = s.opts.registry, false
+	if s.registry == nil {
+		s.registry, s.ownsReg = NewMemoryRegistry(), true
+	}
+}
+
+// Init applies more options, then the environment (MICRO_NAME,
+// MICRO_VERSION, MICRO_ADDRESS, MICRO_ADVERTISE, MICRO_REGISTRY,
+// MICRO_REGISTER_TTL, MICRO_REGISTER_INTERVAL, MICRO_METADATA as
+// "k=v,k=v"), then the command-line flags of the same names (-name,
+// -register_ttl, ...; -metadata k=v may repeat), each overriding the one
+// before. Call it before Start. -h returns an error wrapping flag.ErrHelp
+// whose text is the usage.
+func (s *Service) Init(opts ...ServiceOption) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.running {
+		return errors.New("micro: Init after Start")
+	}
+	prevName := s.opts.name
+	prevRegistry := s.opts.registry
+	o := &s.opts
+	o.serverOpts, o.clientOpts = nil, nil
+	for _, opt := range opts {
+		opt.applyService(o)
+	}
+	fs := flag.NewFlagSet(o.name, flag.ContinueOnError)
+	fs.SetOutput(new(strings.Builder))
+	metadata := serviceMetaFlag{m: o.metadata}
+	fs.StringVar(&o.name, "name", o.name, "service name")
+	fs.StringVar(&o.version, "version", o.version, "service version")
+	fs.StringVar(&o.address, "address", o.address, "address to listen on (host:port)")
+	fs.StringVar(&o.advertise, "advertise", o.advertise, "address to register (default: the bound address)")
+	fs.StringVar(&o.registryName, "registry", o.registryName, "registry: memory")
+	fs.DurationVar(&o.registerTTL, "register_ttl", o.registerTTL, "registration TTL")
+	fs.DurationVar(&o.registerInterval, "register_interval", o.registerInterval, "re-registration interval")
+	fs.Var(&metadata, "metadata", "service metadata key=value (repeatable)")
+	var envErr error
+	fs.VisitAll(func(f *flag.Flag) {
+		v, ok := os.LookupEnv("MICRO_" + strings.ToUpper(f.Name))
+		if !ok || envErr != nil {
+			return
+		}
+		if f.Name == "metadata" {
+			for _, kv := range strings.Split(v, ",") {
+				if err := metadata.Set(kv); err != nil {
+					envErr = fmt.Errorf("micro: MICRO_METADATA: %w", err)
+					return
+				}
+			}
+			return
+		}
+		if err := f.Value.Set(v); err != nil {
+			envErr = fmt.Errorf("micro: MICRO_%s=%q: %w", strings.ToUpper(f.Name), v, err)
+		}
+	})
+	if envErr != nil {
+		return envErr
+	}
+	var args []string
+	for _, a := range o.args { // go test's own flags, when a test calls Init
+		if !strings.HasPrefix(a, "-test.") {
+			args = append(args, a)
+		}
+	}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			var b strings.Builder
+			fs.SetOutput(&b)
+			fs.PrintDefaults()
+			return fmt.Errorf("%w\nusage of %s:\n%s", err, o.name, b.String())
+		}
+		return fmt.Errorf("micro: %w", err)
+	}
+	o.metadata = metadata.m
+	switch o.registryName {
+	case "", "memory": // the service's own MemoryRegistry unless WithRegistry gave one
+	default:
+		return fmt.Errorf("micro: unknown registry %q (have: memory)", o.registryName)
+	}
+	if o.name != prevName {
+		o.serverOpts = append(o.serverOpts, serverName(o.name))
+	}
+	s.server.apply(o.serverOpts)
+	clientOpts := o.clientOpts
+	if o.registry != prevRegistry {
+		s.setRegistry()
+		clientOpts = append(clientOpts, WithRegistry(s.registry))
+	}
+	if len(clientOpts) > 0 {
+		s.client.apply(clientOpts)
+	}
+	return nil
+}
+
+// serviceMetaFlag is a repeatable key=value flag.
+type serviceMetaFlag struct{ m map[string]string }
+
+func (f *serviceMetaFlag) String() string {
+	if f == nil || len(f.m) == 0 {
+		return ""
+	}
+	var kv []string
+	for k, v := range f.m {
+		kv = append(kv, k+"="+v)
+	}
+	sort.Strings(kv)
+	return strings.Join(kv, ",")
+}
+
+func (f *serviceMetaFlag) Set(s string) error {
+	k, v, ok := strings.Cut(s, "=")
+	if !ok || k == "" {
+		return fmt.Errorf("metadata %q is not key=value", s)
+	}
+	if f.m == nil {
+		f.m = map[string]string{}
+	}
+	f.m[strings.TrimSpace(k)] = strings.TrimSpace(v)
+	return nil
+}
+
+// Name returns the service's name.
+func (s *Service) Name() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.opts.name
+}
+
+// Server returns the service's server, for registering handlers.
+func (s *Service) Server() *Server { return s.server }
+
+// Client returns the service's client, which finds services through the
+// service's registry.
+func (s *Service) Client() *Client {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.client
+}
+
+// Registry returns the service's registry.
+func (s *Service) Registry() Registry {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.registry
+}
+
+// Addr returns the address the service listens on (with the real port when
+// it was asked for port 0), or "" before Start.
+func (s *Service) Addr() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.ln == nil {
+		return ""
+	}
+	return s.ln.Addr().String()
+}
+
+// Info returns the record the service registers (nil before Start).
+func (s *Service) Info() *ServiceInfo {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.info.Clone()
+}
+
+// Start runs the before-start hooks, listens, serves, registers the node
+// and runs the after-start hooks, then returns. A registry that fails is
+// retried in the background until it takes the registration.
+func (s *Service) Start() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.running {
+		return errors.New("micro: service already started")
+	}
+	if s.client.closed.Load() { // restarted after Stop
+		s.client = NewClient(append(s.opts.clientOpts, WithRegistry(s.registry))...)
+	}
+	for _, h := range s.opts.beforeStart {
+		if err := h(); err != nil {
+			return err
+		}
+	}
+	ln, err := net.Listen("tcp", s.opts.address)
+	if err != nil {
+		return fmt.Errorf("micro: listen on %s: %w", s.opts.address, err)
+	}
+	s.ln = ln
+	if s.server.closed || s.server.hs != nil { // restarted after Stop
+		s.server = s.server.restart()
+	}
+	s.serveErr = make(chan error, 1)
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		s.serveErr <- s.server.Serve(ln)
+	}()
+
+	id := make([]byte, 8)
+	rand.Read(id)
+	addr := s.opts.advertise
+	if addr == "" {
+		addr = serviceAdvertise(ln.Addr().(*net.TCPAddr))
+	}
+	s.info = &ServiceInfo{
+		Name:      s.opts.name,
+		Version:   s.opts.version,
+		Metadata:  s.opts.metadata,
+		Endpoints: s.server.Endpoints(),
+		Nodes:     []*Node{{ID: s.opts.name + "-" + hex.EncodeToString(id), Address: addr, Metadata: s.opts.metadata}},
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	s.cancel = cancel
+	s.stopped = make(chan struct{})
+	s.running = true
+
+	// Register once now, so the service can be found when Start returns;
+	// the loop retries a failure and refreshes the TTL.
+	rctx, rcancel := context.WithTimeout(ctx, 5*time.Second)
+	err = s.registry.Register(rctx, s.info, s.opts.registerTTL)
+	rcancel()
+	if err != nil {
+		s.opts.logger.Warn("micro: register failed; retrying", "service", s.opts.name, "err", err)
+	}
+	s.wg.Add(1)
+	go s.registerLoop(ctx, s.registry, s.info.Clone(), err == nil)
+
+	for _, h := range s.opts.afterStart {
+		if err := h(); err != nil {
+			s.mu.Unlock()
+			s.Stop()
+			s.mu.Lock()
+			return err
+		}
+	}
+	return nil
+}
+
+// registerLoop refreshes the registration every interval, and retries a
+// failed one with back-off (from 100ms to the interval).
+func (s *Service) registerLoop(ctx context.Context, reg Registry, info *ServiceInfo, ok bool) {
+	defer s.wg.Done()
+	interval := s.opts.registerInterval
+	if interval <= 0 {
+		interval = 30 * time.Second
+	}
+	backoff := 100 * time.Millisecond
+	t := time.NewTimer(interval)
+	defer t.Stop()
+	if !ok {
+		t.Reset(backoff)
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		err := reg.Register(rctx, info, s.opts.registerTTL)
+		cancel()
+		if err == nil {
+			backoff = 100 * time.Millisecond
+			t.Reset(interval)
+			continue
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		s.opts.logger.Warn("micro: register failed; retrying", "service", info.Name, "err", err, "in", backoff)
+		t.Reset(backoff)
+		backoff = min(2*backoff, interval)
+	}
+}
+
+// serviceAdvertise picks the address to register for a listener: its own IP,
+// or for a wildcard listener the first private unicast address of an up
+// interface (loopback if there is none).
+func serviceAdvertise(a *net.TCPAddr) string {
+	port := fmt.Sprint(a.Port)
+	if !a.IP.IsUnspecified() {
+		return net.JoinHostPort(a.IP.String(), port)
+	}
+	if addrs, err := net.InterfaceAddrs(); err == nil {
+		for _, ad := range addrs {
+			if ipn, ok := ad.(*net.IPNet); ok && ipn.IP.To4() != nil && ipn.IP.IsPrivate() {
+				return net.JoinHostPort(ipn.IP.String(), port)
+			}
+		}
+	}
+	return net.JoinHostPort("127.0.0.1", port)
+}
+
+// Stop runs the before-stop hooks, deregisters, stops accepting calls, lets
+// those in flight finish within the grace period (then cuts them), closes the
+// client (and the registry if the service made it), and runs the after-stop
+// hooks. It is idempotent and ends Run.
+func (s *Service) Stop() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.running {
+		return nil
+	}
+	s.running = false
+	var errs []error
+	for _, h := range s.opts.beforeStop {
+		errs = append(errs, h())
+	}
+	s.cancel() // ends the register loop
+	dctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	if err := s.registry.Deregister(dctx, s.info); err != nil {
+		errs = append(errs, fmt.Errorf("micro: deregister: %w", err))
+	}
+	cancel()
+	sctx, cancel := context.WithTimeout(context.Background(), s.opts.gracePeriod)
+	if err := s.server.Shutdown(sctx); err != nil {
+		errs = append(errs, fmt.Errorf("micro: calls still running after the %s grace period were cut", s.opts.gracePeriod))
+	}
+	cancel()
+	s.wg.Wait()
+	if err := <-s.serveErr; err != nil {
+		errs = append(errs, err)
+	}
+	s.client.Close()
+	s.ln = nil
+	close(s.stopped)
+	for _, h := range s.opts.afterStop {
+		errs = append(errs, h())
+	}
+	return errors.Join(errs...)
+}
+
+// Close stops the service if it runs and releases its client and, if it made
+// it, its registry. It is idempotent.
+func (s *Service) Close() error {
+	err := s.Stop()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.client.Close()
+	if s.ownsReg {
+		if c, ok := s.registry.(interface{ Close() error }); ok {
+			c.Close()
+		}
+	}
+	return err
+}
+
+// Run starts the service and blocks until SIGINT or SIGTERM (unless
+// HandleSignal(false)), the service's [Context] ends, or Stop is called; then
+// it stops the service and returns Stop's error.
+func (s *Service) Run() error {
+	if err := s.Start(); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	stopped := s.stopped
+	ctx := s.opts.ctx
+	handle := s.opts.signal
+	s.mu.Unlock()
+	if ctx == nil {
+		ctx = context.Background()
+	}
+	var sig chan os.Signal
+	if handle {
+		sig = make(chan os.Signal, 1)
+		signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
+		defer signal.Stop(sig)
+	}
+	select {
+	case <-sig:
+	case <-ctx.Done():
+	case <-stopped:
+	}
+	return s.Close()
+}
+
+// restart returns a fresh server with the same options and handlers, for a
+// service started again after Stop.
+func (s *Server) restart() *Server {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	n := &Server{opts: s.opts, codecs: s.codecs, methods: s.methods, endpoints: s.endpoints, extra: s.extra}
+	return n
+}
+
+// Name sets the service's name (default: the program's file name).
+func Name(name string) ServiceOption {
+	return rpcOption{service: func(o *serviceOptions) { o.name = name }}
+}
+
+// Version sets the service's version (default "").
+func Version(v string) ServiceOption {
+	return rpcOption{service: func(o *serviceOptions) { o.version = v }}
+}
+
+// Address sets the address the service listens on (default ":0", any free
+// port). Tests use "127.0.0.1:0". To send a call to a given node, use
+// [WithAddress].
+func Address(addr string) ServiceOption {
+	return rpcOption{service: func(o *serviceOptions) { o.address = addr }}
+}
+
+// Advertise sets the address registered for the node (default: the bound
+// address; for a wildcard listener, the host's first private IPv4 address).
+func Advertise(addr string) ServiceOption {
+	return rpcOption{service: func(o *serviceOptions) { o.advertise = addr }}
+}
+
+// Metadata sets the service's metadata, registered with its record and node.
+func Metadata(md map[string]string) ServiceOption {
+	return rpcOption{service: func(o *serviceOptions) { o.metadata = md }}
+}
+
+// RegisterTTL sets the TTL of the service's registration (default 90s).
+func RegisterTTL(d time.Duration) ServiceOption {
+	return rpcOption{service: func(o *serviceOptions) { o.registerTTL = d }}
+}
+
+// RegisterInterval sets how often the registration is refreshed (default
+// 30s); keep it well under the TTL.
+func RegisterInterval(d time.Duration) ServiceOption {
+	return rpcOption{service: func(o *serviceOptions) { o.registerInterval = d }}
+}
+
+// GracePeriod bounds how long Stop waits for calls in flight (default 10s).
+func GracePeriod(d time.Duration) ServiceOption {
+	return rpcOption{service: func(o *serviceOptions) { o.gracePeriod = d }}
+}
+
+// Context makes Run stop the service when ctx ends (default: never).
+func Context(ctx context.Context) ServiceOption {
+	return rpcOption{service: func(o *serviceOptions) { o.ctx = ctx }}
+}
+
+// HandleSignal sets whether Run stops on SIGINT and SIGTERM (default true).
+func HandleSignal(b bool) ServiceOption {
+	return rpcOption{service: func(o *serviceOptions) { o.signal = b }}
+}
+
+// Args sets the command-line arguments Init parses (default os.Args[1:],
+// less go test's -test.* flags); Args() with none makes Init ignore the
+// command line.
+func Args(args ...string) ServiceOption {
+	return rpcOption{service: func(o *serviceOptions) { o.args = args }}
+}
+
+// BeforeStart adds a hook run by Start before listening; an error aborts
+// Start.
+func BeforeStart(fn func() error) ServiceOption {
+	return rpcOption{service: func(o *serviceOptions) { o.beforeStart = append(o.beforeStart, fn) }}
+}
+
+// AfterStart adds a hook run once the service serves and is registered; an
+// error stops the service and is returned by Start.
+func AfterStart(fn func() error) ServiceOption {
+	return rpcOption{service: func(o *serviceOptions) { o.afterStart = append(o.afterStart, fn) }}
+}
+
+// BeforeStop adds a hook run by Stop before deregistering.
+func BeforeStop(fn func() error) ServiceOption {
+	return rpcOption{service: func(o *serviceOptions) { o.beforeStop = append(o.beforeStop, fn) }}
+}
+
+// AfterStop adds a hook run by Stop once the server has stopped.
+func AfterStop(fn func() error) ServiceOption {
+	return rpcOption{service: func(o *serviceOptions) { o.afterStop = append(o.afterStop, fn) }}
+}
+
+// WithRegistry sets the registry a service registers in and a client looks
+// services up in. The caller keeps ownership: closing it is theirs.
+func WithRegistry(r Registry) Option {
+	return rpcOption{
+		service: func(o *serviceOptions) { o.registry = r },
+		client:  func(o *clientOptions) { o.registry = r },
+		server:  func(*serverOptions) {},
+	}
+}
+
+// WithCodec adds a codec, or replaces the built-in one for its content type,
+// on servers and clients.
+func WithCodec(c Codec) Option {
+	return rpcOption{
+		server: func(o *serverOptions) { o.codecs = append(o.codecs, c) },
+		client: func(o *clientOptions) { o.codecs = append(o.codecs, c) },
+	}
+}
+
+// WithLogger sets the logger (default: discard). The library logs only what
+// an operator should see: failed registrations, handler panics.
+func WithLogger(l *slog.Logger) Option {
+	return rpcOption{
+		service: func(o *serviceOptions) { o.logger = l },
+		server:  func(o *serverOptions) { o.logger = l },
+		client:  func(o *clientOptions) { o.logger = l },
+	}
+}

@@ -1,0 +1,1160 @@
+package micro
+
+import (
+	"bytes"
+	"compress/gzip"
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/textproto"
+	"reflect"
+	"runtime/debug"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// MD is the metadata of a call: HTTP headers on the wire, with keys in
+// canonical header form ("X-Request-Id"). Use Get and Set, which canonicalise.
+type MD map[string]string
+
+// Get returns the value for key, whatever its case.
+func (md MD) Get(key string) string { return md[textproto.CanonicalMIMEHeaderKey(key)] }
+
+// Set stores value under the canonical form of key.
+func (md MD) Set(key, value string) { md[textproto.CanonicalMIMEHeaderKey(key)] = value }
+
+type (
+	rpcOutgoingKey struct{}
+	rpcIncomingKey struct{}
+	rpcHeaderKey   struct{}
+)
+
+// NewContext returns a copy of ctx carrying md (merged over any metadata it
+// carried already): calls made with the returned context send md as headers.
+func NewContext(ctx context.Context, md MD) context.Context {
+	merged := MD{}
+	if old, ok := ctx.Value(rpcOutgoingKey{}).(MD); ok {
+		for k, v := range old {
+			merged[k] = v
+		}
+	}
+	for k, v := range md {
+		merged.Set(k, v)
+	}
+	return context.WithValue(ctx, rpcOutgoingKey{}, merged)
+}
+
+// FromContext returns the metadata of the request a handler is serving. It is
+// not forwarded on calls the handler makes; pass it on with [NewContext] when
+// that is wanted (a trace ID, say), since blind forwarding would hand the
+// caller's credentials to every service downstream.
+func FromContext(ctx context.Context) (MD, bool) {
+	md, ok := ctx.Value(rpcIncomingKey{}).(MD)
+	return md, ok
+}
+
+// SetHeader sets a response header (metadata the caller receives) from inside
+// a handler. It fails outside a handler's context.
+func SetHeader(ctx context.Context, key, value string) error {
+	h, ok := ctx.Value(rpcHeaderKey{}).(*rpcResponseHeader)
+	if !ok {
+		return errors.New("micro: SetHeader called outside a handler")
+	}
+	h.mu.Lock()
+	h.md.Set(key, value)
+	h.mu.Unlock()
+	return nil
+}
+
+type rpcResponseHeader struct {
+	mu sync.Mutex
+	md MD
+}
+
+// Request describes a call for middleware: on the server, the call being
+// served (Body holds the decoded request); on the client, the call being made
+// (Service is the target).
+type Request struct {
+	Service     string // the service called (on the server: this one's name, if known)
+	Endpoint    string // "Greeter.Hello"
+	ContentType string // the codec's content type
+	Header      MD     // incoming metadata on the server; outgoing on the client
+	Body        any    // the request message
+}
+
+// HandlerFunc serves a decoded request and returns the response message.
+type HandlerFunc func(ctx context.Context, req *Request) (any, error)
+
+// HandlerWrapper is server middleware: it wraps every handler of a server.
+// Wrappers apply in the order given, the first outermost.
+type HandlerWrapper func(HandlerFunc) HandlerFunc
+
+// CallFunc makes a call and decodes the response into rsp.
+type CallFunc func(ctx context.Context, req *Request, rsp any, opts ...CallOption) error
+
+// CallWrapper is client middleware: it wraps every call of a client (around
+// discovery, balancing and retries). Wrappers apply in the order given, the
+// first outermost.
+type CallWrapper func(CallFunc) CallFunc
+
+// Server serves RPC handlers over the Connect protocol. It is an
+// [http.Handler]: mount it in any mux, or let [Server.Serve] run it with
+// HTTP/1.1 and cleartext HTTP/2 on one listener.
+//
+// Register handlers before serving. A Server is safe for concurrent use;
+// Shutdown and Close stop what Serve started.
+type Server struct {
+	opts   serverOptions
+	codecs *codecSet
+
+	mu        sync.RWMutex
+	methods   map[string]*rpcMethod // by path, "/Greeter/Hello"
+	endpoints []*Endpoint
+	extra     *http.ServeMux // routes added with HandleHTTP
+	hs        *http.Server
+	draining  atomic.Bool
+	closed    bool
+}
+
+type serverOptions struct {
+	name              string
+	maxBodySize       int64
+	readHeaderTimeout time.Duration
+	idleTimeout       time.Duration
+	maxHeaderBytes    int
+	wrappers          []HandlerWrapper
+	codecs            []Codec
+	logger            *slog.Logger
+}
+
+// rpcMethod is one registered endpoint.
+type rpcMethod struct {
+	name    string // "Greeter.Hello"
+	recv    reflect.Value
+	fn      reflect.Value
+	reqType reflect.Type
+	rspType reflect.Type // for the (ctx, req, rsp) form; nil for the returning form
+	handler HandlerFunc  // fn behind the server's wrappers
+}
+
+// NewServer returns a server with the options.
+func NewServer(opts ...ServerOption) *Server {
+	s := &Server{
+		opts: serverOptions{
+			maxBodySize:       4 << 20,
+			readHeaderTimeout: 10 * time.Second,
+			idleTimeout:       120 * time.Second,
+			maxHeaderBytes:    64 << 10,
+			logger:            rpcDiscard,
+		},
+		methods: make(map[string]*rpcMethod),
+	}
+	s.apply(opts)
+	return s
+}
+
+func (s *Server) apply(opts []ServerOption) {
+	for _, o := range opts {
+		o.applyServer(&s.opts)
+	}
+	s.codecs = &codecSet{}
+	for _, c := range s.opts.codecs {
+		s.codecs.add(c)
+	}
+}
+
+// HandlerOption configures one [RegisterHandler] call.
+type HandlerOption func(*rpcHandlerOptions)
+
+type rpcHandlerOptions struct {
+	name string
+	meta map[string]string
+}
+
+// HandlerName sets the name endpoints are registered under (default: the
+// handler's type name), such as "helloworld.Greeter" for the endpoint
+// "helloworld.Greeter.Hello" at path /helloworld.Greeter/Hello.
+func HandlerName(name string) HandlerOption {
+	return func(o *rpcHandlerOptions) { o.name = name }
+}
+
+// EndpointMetadata adds metadata to every endpoint of the handler, as
+// published in the registry.
+func EndpointMetadata(md map[string]string) HandlerOption {
+	return func(o *rpcHandlerOptions) { o.meta = md }
+}
+
+var (
+	rpcContextType = reflect.TypeFor[context.Context]()
+	rpcErrorType   = reflect.TypeFor[error]()
+)
+
+// RegisterHandler registers the exported methods of h as endpoints named
+// "Type.Method". Each method that takes a context.Context first must have
+// one of the forms
+//
+//	func (h *T) Hello(ctx context.Context, req *Req, rsp *Rsp) error
+//	func (h *T) Hello(ctx context.Context, req *Req) (*Rsp, error)
+//
+// and any other shape is an error that says how to fix it. Methods that do
+// not take a context first are not endpoints and are left alone.
+func RegisterHandler(s *Server, h any, opts ...HandlerOption) error {
+	var o rpcHandlerOptions
+	for _, opt := range opts {
+		opt(&o)
+	}
+	v := reflect.ValueOf(h)
+	if !v.IsValid() {
+		return errors.New("micro: RegisterHandler: handler is nil")
+	}
+	t := v.Type()
+	name := o.name
+	if name == "" {
+		name = reflect.Indirect(v).Type().Name()
+		if name == "" {
+			return fmt.Errorf("micro: RegisterHandler: %s has no type name; pass HandlerName(\"Name\")", t)
+		}
+	}
+	if strings.ContainsAny(name, "/ ") {
+		return fmt.Errorf("micro: RegisterHandler: handler name %q may not hold '/' or spaces", name)
+	}
+	var methods []*rpcMethod
+	var problems []string
+	for i := 0; i < t.NumMethod(); i++ {
+		m := t.Method(i)
+		if !m.IsExported() {
+			continue
+		}
+		mt := m.Type // receiver first
+		if mt.NumIn() < 2 || mt.In(1) != rpcContextType {
+			continue
+		}
+		rm, err := rpcNewMethod(name+"."+m.Name, v, m)
+		if err != nil {
+			problems = append(problems, err.Error())
+			continue
+		}
+		methods = append(methods, rm)
+	}
+	if len(problems) > 0 {
+		return fmt.Errorf("micro: RegisterHandler(%s): %s", t, strings.Join(problems, "; "))
+	}
+	if len(methods) == 0 {
+		hint := ""
+		if t.Kind() != reflect.Pointer && reflect.PointerTo(t).NumMethod() > t.NumMethod() {
+			hint = "; hint: pass a pointer to a value of that type"
+		}
+		return fmt.Errorf("micro: RegisterHandler(%s): no exported method of the form "+
+			"func(ctx context.Context, req *Req, rsp *Rsp) error or func(ctx context.Context, req *Req) (*Rsp, error)%s", t, hint)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, m := range methods {
+		if _, dup := s.methods[rpcPath(m.name)]; dup {
+			return fmt.Errorf("micro: RegisterHandler: endpoint %s is registered already", m.name)
+		}
+	}
+	for _, m := range methods {
+		m.handler = m.call
+		for i := len(s.opts.wrappers) - 1; i >= 0; i-- {
+			m.handler = s.opts.wrappers[i](m.handler)
+		}
+		s.methods[rpcPath(m.name)] = m
+		e := &Endpoint{Name: m.name, Request: m.reqType.String(), Metadata: o.meta}
+		if m.rspType != nil {
+			e.Response = m.rspType.String()
+		} else {
+			e.Response = m.fn.Type().Out(0).String()
+		}
+		s.endpoints = append(s.endpoints, e)
+	}
+	slices.SortFunc(s.endpoints, func(a, b *Endpoint) int { return strings.Compare(a.Name, b.Name) })
+	return nil
+}
+
+func rpcNewMethod(name string, recv reflect.Value, m reflect.Method) (*rpcMethod, error) {
+	mt := m.Type
+	want := "want func(ctx context.Context, req *Req, rsp *Rsp) error or func(ctx context.Context, req *Req) (*Rsp, error)"
+	rm := &rpcMethod{name: name, recv: recv, fn: m.Func}
+	switch {
+	case mt.NumIn() == 4 && mt.NumOut() == 1:
+		if mt.Out(0) != rpcErrorType {
+			return nil, fmt.Errorf("method %s returns %s; %s", m.Name, mt.Out(0), want)
+		}
+		rm.reqType, rm.rspType = mt.In(2), mt.In(3)
+		if rm.rspType.Kind() != reflect.Pointer {
+			return nil, fmt.Errorf("method %s: response %s is not a pointer; hint: use *%s", m.Name, rm.rspType, rm.rspType)
+		}
+	case mt.NumIn() == 3 && mt.NumOut() == 2:
+		if mt.Out(1) != rpcErrorType {
+			return nil, fmt.Errorf("method %s: second result is %s, not error; %s", m.Name, mt.Out(1), want)
+		}
+		rm.reqType = mt.In(2)
+	default:
+		return nil, fmt.Errorf("method %s has type %s; %s", m.Name, mt, want)
+	}
+	if !rpcExportedOrBuiltin(rm.reqType) {
+		return nil, fmt.Errorf("method %s: request type %s is not exported", m.Name, rm.reqType)
+	}
+	return rm, nil
+}
+
+func rpcExportedOrBuiltin(t reflect.Type) bool {
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	return t.PkgPath() == "" || (t.Name() != "" && t.Name()[0] >= 'A' && t.Name()[0] <= 'Z')
+}
+
+// call invokes the method on a decoded request.
+func (m *rpcMethod) call(ctx context.Context, req *Request) (any, error) {
+	args := []reflect.Value{m.recv, reflect.ValueOf(ctx), reflect.ValueOf(req.Body)}
+	if m.rspType != nil {
+		rsp := reflect.New(m.rspType.Elem())
+		out := m.fn.Call(append(args, rsp))
+		if err, _ := out[0].Interface().(error); err != nil {
+			return nil, err
+		}
+		return rsp.Interface(), nil
+	}
+	out := m.fn.Call(args)
+	if err, _ := out[1].Interface().(error); err != nil {
+		return nil, err
+	}
+	return out[0].Interface(), nil
+}
+
+// newRequest returns a value to decode the request into (a pointer) and the
+// value the method takes.
+func (m *rpcMethod) newRequest() (ptr any, arg func() any) {
+	p := codecNew(m.reqType)
+	if m.reqType.Kind() == reflect.Pointer {
+		return p.Interface(), p.Interface
+	}
+	return p.Interface(), func() any { return p.Elem().Interface() }
+}
+
+// rpcPath maps "pkg.Greeter.Hello" to "/pkg.Greeter/Hello".
+func rpcPath(endpoint string) string {
+	i := strings.LastIndexByte(endpoint, '.')
+	if i <= 0 || i == len(endpoint)-1 {
+		return ""
+	}
+	return "/" + endpoint[:i] + "/" + endpoint[i+1:]
+}
+
+// Endpoints returns the registered endpoints, sorted by name.
+func (s *Server) Endpoints() []*Endpoint {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	out := make([]*Endpoint, len(s.endpoints))
+	for i, e := range s.endpoints {
+		c := *e
+		out[i] = &c
+	}
+	return out
+}
+
+// HandleHTTP serves plain HTTP handlers on the server's port beside the RPC
+// endpoints, with http.ServeMux patterns. RPC endpoints take precedence.
+func (s *Server) HandleHTTP(pattern string, h http.Handler) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.extra == nil {
+		s.extra = http.NewServeMux()
+	}
+	s.extra.Handle(pattern, h)
+}
+
+// ServeHTTP serves one request: a Connect unary call to a registered
+// endpoint, /health, or a route added with [Server.HandleHTTP].
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	s.mu.RLock()
+	m := s.methods[r.URL.Path]
+	extra := s.extra
+	s.mu.RUnlock()
+	if m == nil {
+		if extra != nil {
+			if _, pattern := extra.Handler(r); pattern != "" {
+				extra.ServeHTTP(w, r)
+				return
+			}
+		}
+		if r.URL.Path == "/health" {
+			s.serveHealth(w)
+			return
+		}
+		rpcWriteError(w, Errorf(CodeUnimplemented, "no endpoint at %s", r.URL.Path))
+		return
+	}
+	if r.Method != http.MethodPost {
+		w.Header().Set("Allow", http.MethodPost)
+		rpcWriteErrorStatus(w, http.StatusMethodNotAllowed, Errorf(CodeUnimplemented, "method %s not allowed; use POST", r.Method))
+		return
+	}
+	s.serveUnary(w, r, m)
+}
+
+func (s *Server) serveHealth(w http.ResponseWriter) {
+	w.Header().Set("Content-Type", ContentTypeJSON)
+	if s.draining.Load() {
+		w.WriteHeader(http.StatusServiceUnavailable)
+		io.WriteString(w, `{"status":"draining"}`)
+		return
+	}
+	io.WriteString(w, `{"status":"serving"}`)
+}
+
+// serveUnary runs a Connect unary call.
+func (s *Server) serveUnary(w http.ResponseWriter, r *http.Request, m *rpcMethod) {
+	ct := r.Header.Get("Content-Type")
+	codec := s.codecs.get(ct)
+	if codec == nil {
+		w.Header().Set("Accept-Post", s.codecs.names())
+		rpcWriteErrorStatus(w, http.StatusUnsupportedMediaType,
+			Errorf(CodeInvalidArgument, "unsupported content type %q", ct))
+		return
+	}
+	ctx := r.Context()
+	if v := r.Header.Get("Connect-Timeout-Ms"); v != "" {
+		ms, err := strconv.ParseUint(v, 10, 64)
+		if err != nil || len(v) > 10 {
+			rpcWriteError(w, Errorf(CodeInvalidArgument, "bad Connect-Timeout-Ms %q", v))
+			return
+		}
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, time.Duration(ms)*time.Millisecond)
+		defer cancel()
+	}
+	body, err := s.readBody(w, r)
+	if err != nil {
+		rpcWriteError(w, err)
+		return
+	}
+	ptr, arg := m.newRequest()
+	if err := codec.Unmarshal(body, ptr); err != nil {
+		rpcWriteError(w, Errorf(CodeInvalidArgument, "malformed %s request: %v", codec.ContentType(), err))
+		return
+	}
+	hdr := &rpcResponseHeader{md: MD{}}
+	md := rpcIncomingMetadata(r.Header)
+	ctx = context.WithValue(ctx, rpcIncomingKey{}, md)
+	ctx = context.WithValue(ctx, rpcHeaderKey{}, hdr)
+	req := &Request{Service: s.opts.name, Endpoint: m.name, ContentType: codec.ContentType(), Header: md, Body: arg()}
+
+	rsp, err := s.invoke(ctx, m, req)
+	hdr.mu.Lock()
+	for k, v := range hdr.md {
+		w.Header().Set(k, v)
+	}
+	hdr.mu.Unlock()
+	if err != nil {
+		if ctx.Err() != nil && CodeOf(err) == CodeUnknown {
+			err = ctx.Err()
+		}
+		rpcWriteError(w, err)
+		return
+	}
+	out, err := codec.Marshal(rsp)
+	if err != nil {
+		rpcWriteError(w, Errorf(CodeInternal, "encoding the response: %v", err))
+		return
+	}
+	w.Header().Set("Content-Type", codec.ContentType())
+	w.Header().Set("Content-Length", strconv.Itoa(len(out)))
+	w.WriteHeader(http.StatusOK)
+	w.Write(out)
+}
+
+// invoke runs the handler chain; a panic becomes an internal error.
+func (s *Server) invoke(ctx context.Context, m *rpcMethod, req *Request) (rsp any, err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			s.opts.logger.Error("micro: handler panic", "endpoint", m.name, "panic", p, "stack", string(debug.Stack()))
+			rsp, err = nil, NewError(CodeInternal, "internal error: handler "+m.name+" panicked")
+		}
+	}()
+	return m.handler(ctx, req)
+}
+
+// readBody reads the request body within the size limit, undoing gzip.
+func (s *Server) readBody(w http.ResponseWriter, r *http.Request) ([]byte, error) {
+	limit := s.opts.maxBodySize
+	tooBig := Errorf(CodeResourceExhausted, "request body larger than %d bytes", limit)
+	if r.ContentLength > limit {
+		return nil, tooBig
+	}
+	var rd io.Reader = http.MaxBytesReader(w, r.Body, limit)
+	switch enc := r.Header.Get("Content-Encoding"); enc {
+	case "", "identity":
+	case "gzip":
+		zr, err := gzip.NewReader(rd)
+		if err != nil {
+			return nil, Errorf(CodeInvalidArgument, "malformed gzip body: %v", err)
+		}
+		defer zr.Close()
+		rd = io.LimitReader(zr, limit+1)
+	default:
+		return nil, Errorf(CodeUnimplemented, "unsupported Content-Encoding %q; use gzip or none", enc)
+	}
+	var buf bytes.Buffer
+	if r.ContentLength > 0 {
+		buf.Grow(int(r.ContentLength))
+	}
+	_, err := buf.ReadFrom(rd)
+	var maxErr *http.MaxBytesError
+	switch {
+	case errors.As(err, &maxErr) || int64(buf.Len()) > limit:
+		return nil, tooBig
+	case err != nil:
+		return nil, Errorf(CodeInvalidArgument, "reading the request body: %v", err)
+	}
+	return buf.Bytes(), nil
+}
+
+// rpcReservedHeaders are protocol headers, not call metadata.
+var rpcReservedHeaders = map[string]bool{
+	"Accept": true, "Accept-Encoding": true, "Connection": true, "Content-Encoding": true,
+	"Content-Length": true, "Content-Type": true, "Expect": true, "Host": true,
+	"Keep-Alive": true, "Te": true, "Trailer": true, "Transfer-Encoding": true,
+	"Upgrade": true, "User-Agent": true, "Date": true,
+}
+
+func rpcIncomingMetadata(h http.Header) MD {
+	md := make(MD, len(h))
+	for k, v := range h {
+		if rpcReservedHeaders[k] || strings.HasPrefix(k, "Connect-") || len(v) == 0 {
+			continue
+		}
+		md[k] = v[0]
+	}
+	return md
+}
+
+// rpcWireError is the Connect error body.
+type rpcWireError struct {
+	Code    string            `json:"code"`
+	Message string            `json:"message,omitempty"`
+	Details []rpcWireDetail   `json:"details,omitempty"`
+	Meta    map[string]string `json:"-"`
+}
+
+type rpcWireDetail struct {
+	Type  string `json:"type"`
+	Value string `json:"value"` // base64, unpadded
+}
+
+func rpcWriteError(w http.ResponseWriter, err error) {
+	rpcWriteErrorStatus(w, 0, err)
+}
+
+// rpcWriteErrorStatus writes err as a Connect error, with status or, if 0,
+// the code's status.
+func rpcWriteErrorStatus(w http.ResponseWriter, status int, err error) {
+	e := AsError(err)
+	if status == 0 {
+		status = e.code().HTTPStatus()
+	}
+	body := rpcWireError{Code: e.code().String(), Message: e.Message}
+	for _, d := range e.Details {
+		body.Details = append(body.Details, rpcWireDetail{Type: d.Type, Value: base64.RawStdEncoding.EncodeToString(d.Value)})
+	}
+	for k, v := range e.Meta {
+		w.Header().Set(k, v)
+	}
+	out, _ := json.Marshal(body)
+	w.Header().Set("Content-Type", ContentTypeJSON)
+	w.Header().Set("Content-Length", strconv.Itoa(len(out)))
+	w.WriteHeader(status)
+	w.Write(out)
+}
+
+// rpcReadError turns an error response into an *Error: the Connect body if it
+// has one, else a code from the HTTP status.
+func rpcReadError(status int, header http.Header, body []byte) *Error {
+	var wire rpcWireError
+	e := &Error{}
+	if json.Unmarshal(body, &wire) == nil && wire.Code != "" {
+		code, ok := ParseCode(wire.Code)
+		if !ok {
+			code = CodeUnknown
+		}
+		e.Code, e.Message = code, wire.Message
+		for _, d := range wire.Details {
+			v, err := base64.RawStdEncoding.DecodeString(strings.TrimRight(d.Value, "="))
+			if err != nil {
+				continue
+			}
+			e.Details = append(e.Details, ErrorDetail{Type: d.Type, Value: v})
+		}
+	} else {
+		e.Code = errorCodeFromHTTP(status)
+		e.Message = fmt.Sprintf("HTTP %d %s", status, http.StatusText(status))
+	}
+	e.Meta = rpcIncomingMetadata(header)
+	return e
+}
+
+// Serve accepts connections on l and serves them with HTTP/1.1 and
+// cleartext HTTP/2 until Shutdown or Close, when it returns nil. It may be
+// called for several listeners.
+func (s *Server) Serve(l net.Listener) error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return ErrClosed
+	}
+	if s.hs == nil {
+		protocols := new(http.Protocols)
+		protocols.SetHTTP1(true)
+		protocols.SetUnencryptedHTTP2(true)
+		s.hs = &http.Server{
+			Handler:           s,
+			ReadHeaderTimeout: s.opts.readHeaderTimeout,
+			IdleTimeout:       s.opts.idleTimeout,
+			MaxHeaderBytes:    s.opts.maxHeaderBytes,
+			Protocols:         protocols,
+			ErrorLog:          slog.NewLogLogger(s.opts.logger.Handler(), slog.LevelDebug),
+		}
+	}
+	hs := s.hs
+	s.mu.Unlock()
+	err := hs.Serve(l)
+	if errors.Is(err, http.ErrServerClosed) {
+		return nil
+	}
+	return err
+}
+
+// Shutdown stops accepting, lets calls in flight finish, and returns when
+// they have or when ctx ends (then it closes the rest and returns ctx's
+// error). /health answers 503 from the start of a shutdown.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.draining.Store(true)
+	s.mu.Lock()
+	s.closed = true
+	hs := s.hs
+	s.mu.Unlock()
+	if hs == nil {
+		return nil
+	}
+	if err := hs.Shutdown(ctx); err != nil {
+		hs.Close()
+		return err
+	}
+	return nil
+}
+
+// Close stops the server at once, cutting calls in flight. It is idempotent.
+func (s *Server) Close() error {
+	s.draining.Store(true)
+	s.mu.Lock()
+	s.closed = true
+	hs := s.hs
+	s.mu.Unlock()
+	if hs == nil {
+		return nil
+	}
+	return hs.Close()
+}
+
+// ServerOption configures a [Server]. Every ServerOption is also a
+// [ServiceOption] that configures the service's server.
+type ServerOption interface {
+	ServiceOption
+	applyServer(*serverOptions)
+}
+
+// MaxBodySize bounds a request body (default 4 MiB); a larger one fails with
+// [CodeResourceExhausted] before the handler runs.
+func MaxBodySize(n int64) ServerOption {
+	return rpcOption{server: func(o *serverOptions) {
+		if n > 0 {
+			o.maxBodySize = n
+		}
+	}}
+}
+
+// ReadHeaderTimeout bounds how long a client may take to send a request's
+// headers (default 10s), so slow clients cannot hold connections.
+func ReadHeaderTimeout(d time.Duration) ServerOption {
+	return rpcOption{server: func(o *serverOptions) { o.readHeaderTimeout = d }}
+}
+
+// IdleTimeout closes keep-alive connections idle for d (default 120s).
+func IdleTimeout(d time.Duration) ServerOption {
+	return rpcOption{server: func(o *serverOptions) { o.idleTimeout = d }}
+}
+
+// WrapHandler adds server middleware.
+func WrapHandler(w ...HandlerWrapper) ServerOption {
+	return rpcOption{server: func(o *serverOptions) { o.wrappers = append(o.wrappers, w...) }}
+}
+
+// serverName tells the server its service's name, for Request.Service.
+func serverName(name string) ServerOption {
+	return rpcOption{server: func(o *serverOptions) { o.name = name }}
+}
+
+// Client calls services: it resolves a service's nodes through a registry
+// (cached and kept fresh by a watch), picks one with a balancer, and retries
+// on another node when a node is down or unavailable. Close releases its
+// connections and its watch. A Client is safe for concurrent use.
+type Client struct {
+	opts   clientOptions
+	codecs *codecSet
+	hc     *http.Client
+	cache  *registryCache
+	budget *balancerRetryBudget
+	call   CallFunc
+	closed atomic.Bool
+}
+
+type clientOptions struct {
+	registry    Registry
+	balancer    Balancer
+	transport   http.RoundTripper
+	wrappers    []CallWrapper
+	codecs      []Codec
+	logger      *slog.Logger
+	maxRspSize  int64
+	cacheTTL    time.Duration
+	call        callOptions // defaults for every call
+	retryBudget float64
+}
+
+type callOptions struct {
+	address     []string
+	timeout     time.Duration
+	retries     int
+	contentType string
+	md          MD
+	filters     []Filter
+	rspHeader   *MD
+}
+
+// NewClient returns a client with the options. Without [WithRegistry] it can
+// only make calls that name a node with [WithAddress].
+func NewClient(opts ...ClientOption) *Client {
+	c := &Client{
+		opts: clientOptions{
+			logger:      rpcDiscard,
+			maxRspSize:  64 << 20,
+			cacheTTL:    time.Minute,
+			retryBudget: 10,
+			call: callOptions{
+				timeout:     10 * time.Second,
+				retries:     2,
+				contentType: ContentTypeJSON,
+			},
+		},
+	}
+	c.apply(opts)
+	return c
+}
+
+func (c *Client) apply(opts []ClientOption) {
+	for _, o := range opts {
+		o.applyClient(&c.opts)
+	}
+	if c.opts.balancer == nil {
+		c.opts.balancer = NewBalancer(LeastInFlight)
+	}
+	c.codecs = &codecSet{}
+	for _, codec := range c.opts.codecs {
+		c.codecs.add(codec)
+	}
+	if c.cache != nil {
+		c.cache.close()
+		c.cache = nil
+	}
+	if c.opts.registry != nil {
+		c.cache = newRegistryCache(c.opts.registry, c.opts.cacheTTL)
+	}
+	c.budget = newBalancerRetryBudget(c.opts.retryBudget)
+	rt := c.opts.transport
+	if rt == nil {
+		if c.hc != nil {
+			c.hc.CloseIdleConnections()
+		}
+		rt = rpcNewTransport()
+	}
+	c.hc = &http.Client{Transport: rt, CheckRedirect: func(*http.Request, []*http.Request) error {
+		return http.ErrUseLastResponse
+	}}
+	c.call = c.callService
+	for i := len(c.opts.wrappers) - 1; i >= 0; i-- {
+		c.call = c.opts.wrappers[i](c.call)
+	}
+}
+
+func rpcNewTransport() *http.Transport {
+	protocols := new(http.Protocols)
+	protocols.SetHTTP1(true)
+	return &http.Transport{
+		Proxy: nil,
+		DialContext: (&net.Dialer{
+			Timeout:   5 * time.Second,
+			KeepAlive: 30 * time.Second,
+		}).DialContext,
+		MaxIdleConns:          1024,
+		MaxIdleConnsPerHost:   256,
+		IdleConnTimeout:       90 * time.Second,
+		ResponseHeaderTimeout: 0, // the call's deadline bounds it
+		DisableCompression:    true,
+		Protocols:             protocols,
+	}
+}
+
+// Call calls endpoint ("Greeter.Hello") of service with req and decodes the
+// reply into rsp, which must be a pointer. A failure is an *Error: the
+// handler's own error with its code, or one made here (CodeUnavailable when no
+// node could be reached, CodeDeadlineExceeded when the deadline passed).
+func (c *Client) Call(ctx context.Context, service, endpoint string, req, rsp any, opts ...CallOption) error {
+	r := &Request{Service: service, Endpoint: endpoint, Body: req}
+	if md, ok := ctx.Value(rpcOutgoingKey{}).(MD); ok {
+		r.Header = md
+	}
+	return c.call(ctx, r, rsp, opts...)
+}
+
+// callService resolves, balances, retries and calls: the CallFunc that the
+// wrappers wrap.
+func (c *Client) callService(ctx context.Context, req *Request, rsp any, opts ...CallOption) error {
+	if c.closed.Load() {
+		return ErrClosed
+	}
+	o := c.opts.call
+	for _, opt := range opts {
+		opt.applyCall(&o)
+	}
+	path := rpcPath(req.Endpoint)
+	if path == "" {
+		return Errorf(CodeInvalidArgument, "micro: bad endpoint %q; want \"Handler.Method\"", req.Endpoint)
+	}
+	if req.ContentType != "" {
+		o.contentType = req.ContentType
+	}
+	codec := c.codecs.get(o.contentType)
+	if codec == nil {
+		return Errorf(CodeInvalidArgument, "micro: no codec for content type %q", o.contentType)
+	}
+	req.ContentType = codec.ContentType()
+	body, err := codec.Marshal(req.Body)
+	if err != nil {
+		return Errorf(CodeInternal, "micro: encoding the request: %w", err)
+	}
+	if _, ok := ctx.Deadline(); !ok && o.timeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, o.timeout)
+		defer cancel()
+	}
+	nodes, err := c.nodes(ctx, req.Service, &o)
+	if err != nil {
+		return err
+	}
+	md := req.Header
+	if len(o.md) > 0 {
+		md = MD{}
+		for k, v := range req.Header {
+			md[k] = v
+		}
+		for k, v := range o.md {
+			md.Set(k, v)
+		}
+	}
+	var tried []string
+	for attempt := 0; ; attempt++ {
+		candidates := nodes
+		if len(tried) > 0 {
+			candidates = make([]*Node, 0, len(nodes))
+			for _, n := range nodes {
+				if !slices.Contains(tried, n.Address) {
+					candidates = append(candidates, n)
+				}
+			}
+			if len(candidates) == 0 {
+				candidates = nodes
+			}
+		}
+		node, done, err := c.opts.balancer.Pick(ctx, candidates)
+		if err != nil {
+			return Errorf(CodeUnavailable, "micro: service %s: %w", req.Service, err)
+		}
+		err = c.roundTrip(ctx, node.Address, path, codec, body, md, rsp, &o)
+		if done != nil {
+			done(err)
+		}
+		if err == nil {
+			c.budget.success()
+			return nil
+		}
+		if CodeOf(err) != CodeUnavailable || ctx.Err() != nil {
+			return err
+		}
+		if !c.budget.failure() || attempt >= o.retries {
+			return err
+		}
+		tried = append(tried, node.Address)
+	}
+}
+
+// nodes returns the nodes that may serve a call.
+func (c *Client) nodes(ctx context.Context, service string, o *callOptions) ([]*Node, error) {
+	if len(o.address) > 0 {
+		nodes := make([]*Node, len(o.address))
+		for i, a := range o.address {
+			nodes[i] = &Node{ID: a, Address: a}
+		}
+		return nodes, nil
+	}
+	if c.cache == nil {
+		return nil, Errorf(CodeFailedPrecondition, "micro: client has no registry; call with micro.WithAddress or create it with micro.WithRegistry")
+	}
+	services, err := c.cache.lookup(ctx, service)
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, AsError(ctx.Err())
+		}
+		return nil, Errorf(CodeUnavailable, "micro: looking up %s: %w", service, err)
+	}
+	for _, f := range o.filters {
+		services = f(services)
+	}
+	var nodes []*Node
+	for _, s := range services {
+		for _, n := range s.Nodes {
+			if !slices.ContainsFunc(nodes, func(m *Node) bool { return m.Address == n.Address }) {
+				nodes = append(nodes, n)
+			}
+		}
+	}
+	if len(nodes) == 0 {
+		return nil, Errorf(CodeUnavailable, "micro: service %s: %w", service, ErrNoNodes)
+	}
+	return nodes, nil
+}
+
+// roundTrip makes one attempt at one node.
+func (c *Client) roundTrip(ctx context.Context, addr, path string, codec Codec, body []byte, md MD, rsp any, o *callOptions) error {
+	hreq, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+addr+path, bytes.NewReader(body))
+	if err != nil {
+		return Errorf(CodeInvalidArgument, "micro: bad address %q: %w", addr, err)
+	}
+	for k, v := range md {
+		hreq.Header.Set(k, v)
+	}
+	hreq.Header.Set("Content-Type", codec.ContentType())
+	hreq.Header.Set("Connect-Protocol-Version", "1")
+	if dl, ok := ctx.Deadline(); ok {
+		ms := max(time.Until(dl).Milliseconds(), 1)
+		hreq.Header.Set("Connect-Timeout-Ms", strconv.FormatInt(ms, 10))
+	}
+	hrsp, err := c.hc.Do(hreq)
+	if err != nil {
+		return rpcTransportError(ctx, addr, err)
+	}
+	defer hrsp.Body.Close()
+	if o.rspHeader != nil {
+		*o.rspHeader = rpcIncomingMetadata(hrsp.Header)
+	}
+	if hrsp.StatusCode != http.StatusOK {
+		b, err := io.ReadAll(io.LimitReader(hrsp.Body, 64<<10))
+		if err != nil {
+			return rpcTransportError(ctx, addr, err)
+		}
+		return rpcReadError(hrsp.StatusCode, hrsp.Header, b)
+	}
+	var buf bytes.Buffer
+	if hrsp.ContentLength > 0 && hrsp.ContentLength <= c.opts.maxRspSize {
+		buf.Grow(int(hrsp.ContentLength))
+	}
+	n, err := buf.ReadFrom(io.LimitReader(hrsp.Body, c.opts.maxRspSize+1))
+	if err != nil {
+		return rpcTransportError(ctx, addr, err)
+	}
+	if n > c.opts.maxRspSize {
+		return Errorf(CodeResourceExhausted, "micro: response larger than %d bytes", c.opts.maxRspSize)
+	}
+	if got := codecMediaType(hrsp.Header.Get("Content-Type")); got != codec.ContentType() {
+		return Errorf(CodeInternal, "micro: response content type %q, want %q", got, codec.ContentType())
+	}
+	if err := codec.Unmarshal(buf.Bytes(), rsp); err != nil {
+		return Errorf(CodeInternal, "micro: decoding the response: %w", err)
+	}
+	return nil
+}
+
+// rpcTransportError reports a failure to reach a node: the context's error if
+// it ended, otherwise CodeUnavailable (so the call is retried elsewhere).
+func rpcTransportError(ctx context.Context, addr string, err error) error {
+	if ctx.Err() != nil {
+		return &Error{Code: CodeOf(ctx.Err()), Message: ctx.Err().Error(), cause: err}
+	}
+	return &Error{Code: CodeUnavailable, Message: "node " + addr + ": " + err.Error(), cause: err}
+}
+
+// Close releases the client's idle connections and stops its registry
+// watch. Calls after Close fail with ErrClosed. It is idempotent.
+func (c *Client) Close() error {
+	if c.closed.Swap(true) {
+		return nil
+	}
+	if c.cache != nil {
+		c.cache.close()
+	}
+	c.hc.CloseIdleConnections()
+	return nil
+}
+
+// ClientOption configures a [Client]. Every ClientOption is also a
+// [ServiceOption] that configures the service's client.
+type ClientOption interface {
+	ServiceOption
+	applyClient(*clientOptions)
+}
+
+// CallOption configures one call. Most are also ClientOptions, setting the
+// default for every call of a client.
+type CallOption interface {
+	applyCall(*callOptions)
+}
+
+// ClientCallOption is an option for one call or, given to a client or
+// service, for all of its calls.
+type ClientCallOption interface {
+	ClientOption
+	CallOption
+}
+
+// WithBalancer sets the client's balancer (default NewBalancer(LeastInFlight)).
+func WithBalancer(b Balancer) ClientOption {
+	return rpcOption{client: func(o *clientOptions) { o.balancer = b }}
+}
+
+// WithTransport sets the HTTP transport calls use (default: a tuned
+// *http.Transport of the client's own, keep-alive on, 256 idle connections
+// per node).
+func WithTransport(rt http.RoundTripper) ClientOption {
+	return rpcOption{client: func(o *clientOptions) { o.transport = rt }}
+}
+
+// WrapCall adds client middleware.
+func WrapCall(w ...CallWrapper) ClientOption {
+	return rpcOption{client: func(o *clientOptions) { o.wrappers = append(o.wrappers, w...) }}
+}
+
+// MaxResponseSize bounds a reply the client reads (default 64 MiB).
+func MaxResponseSize(n int64) ClientOption {
+	return rpcOption{client: func(o *clientOptions) {
+		if n > 0 {
+			o.maxRspSize = n
+		}
+	}}
+}
+
+// WithAddress sends calls to these node addresses (host:port), skipping
+// discovery; with several, they are balanced and retried like discovered
+// nodes.
+func WithAddress(addr ...string) ClientCallOption {
+	return rpcOption{call: func(o *callOptions) { o.address = addr }}
+}
+
+// RequestTimeout bounds a call whose context has no deadline (default 10s; 0
+// for none). Retries happen within it.
+func RequestTimeout(d time.Duration) ClientCallOption {
+	return rpcOption{call: func(o *callOptions) { o.timeout = d }}
+}
+
+// Retries sets how many times a call is retried on another node after a
+// transport failure or CodeUnavailable (default 2). Other errors are never
+// retried, and a client-wide budget stops retries when most calls fail.
+func Retries(n int) ClientCallOption {
+	return rpcOption{call: func(o *callOptions) { o.retries = max(n, 0) }}
+}
+
+// ContentType sets the codec calls are encoded with (default
+// "application/json").
+func ContentType(ct string) ClientCallOption {
+	return rpcOption{call: func(o *callOptions) { o.contentType = ct }}
+}
+
+// WithMetadata adds metadata (headers) to calls.
+func WithMetadata(md MD) ClientCallOption {
+	return rpcOption{call: func(o *callOptions) {
+		merged := MD{}
+		for k, v := range o.md {
+			merged[k] = v
+		}
+		for k, v := range md {
+			merged.Set(k, v)
+		}
+		o.md = merged
+	}}
+}
+
+// WithFilter narrows the nodes calls may go to (see [FilterVersion] and
+// [FilterMetadata]).
+func WithFilter(f ...Filter) ClientCallOption {
+	return rpcOption{call: func(o *callOptions) { o.filters = append(slices.Clip(o.filters), f...) }}
+}
+
+// ResponseHeader stores the reply's metadata (headers) in *md. It applies to
+// one call only.
+func ResponseHeader(md *MD) CallOption {
+	return rpcOption{call: func(o *callOptions) { o.rspHeader = md }, callOnly: true}
+}
+
+// rpcOption is every option type: each func set says what it configures.
+type rpcOption struct {
+	service  func(*serviceOptions)
+	server   func(*serverOptions)
+	client   func(*clientOptions)
+	call     func(*callOptions)
+	callOnly bool // call is not a client default
+}
+
+func (o rpcOption) applyService(s *serviceOptions) {
+	if o.service != nil {
+		o.service(s)
+	}
+	if o.server != nil {
+		s.serverOpts = append(s.serverOpts, o)
+	}
+	if o.client != nil || (o.call != nil && !o.callOnly) {
+		s.clientOpts = append(s.clientOpts, o)
+	}
+}
+
+func (o rpcOption) applyServer(s *serverOptions) {
+	if o.server != nil {
+		o.server(s)
+	}
+}
+
+func (o rpcOption) applyClient(c *clientOptions) {
+	if o.client != nil {
+		o.client(c)
+	}
+	if o.call != nil && !o.callOnly {
+		o.call(&c.call)
+	}
+}
+
+func (o rpcOption) applyCall(c *callOptions) {
+	if o.call != nil {
+		o.call(c)
+	}
+}
+
+var rpcDiscard = slog.New(slog.DiscardHandler)
