@@ -260,30 +260,47 @@ func FilterMetadata(key, value string) Filter {
 	}
 }
 
-// balancerRetryBudget limits retries across a client, as gRPC's retry
-// throttling does: each failed attempt spends a token, each success earns a
-// tenth of one back, and retries stop while the bucket is half empty or less,
-// so a failing system is not hit with a multiple of its load.
+// balancerRetryBudget limits retries across a client, as Finagle's retry
+// budget does: every call deposits a fifth of a token, a reserve refills at
+// ten tokens a second, and each retry spends one. So retries never add more
+// than about a fifth to the load on a failing system, while a few early
+// failures (a node dying under concurrent calls) are always retried.
 type balancerRetryBudget struct {
 	mu     sync.Mutex
 	tokens float64
-	max    float64
+	last   time.Time
+	now    func() time.Time
 }
 
-func newBalancerRetryBudget(max float64) *balancerRetryBudget {
-	return &balancerRetryBudget{tokens: max, max: max}
+const (
+	balancerRetryRatio   = 0.2 // tokens each call deposits
+	balancerRetryPerSec  = 10  // reserve refill, tokens a second
+	balancerRetryMaxToks = 100 // the most the budget holds
+)
+
+func newBalancerRetryBudget() *balancerRetryBudget {
+	return &balancerRetryBudget{tokens: balancerRetryPerSec, now: time.Now}
 }
 
-func (b *balancerRetryBudget) success() {
+// deposit records a call.
+func (b *balancerRetryBudget) deposit() {
 	b.mu.Lock()
-	b.tokens = min(b.tokens+0.1, b.max)
+	b.tokens = min(b.tokens+balancerRetryRatio, balancerRetryMaxToks)
 	b.mu.Unlock()
 }
 
-// failure spends a token and reports whether a retry may follow.
-func (b *balancerRetryBudget) failure() bool {
+// withdraw spends a token for a retry, if there is one.
+func (b *balancerRetryBudget) withdraw() bool {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	b.tokens = max(b.tokens-1, 0)
-	return b.tokens > b.max/2
+	now := b.now()
+	if !b.last.IsZero() {
+		b.tokens = min(b.tokens+now.Sub(b.last).Seconds()*balancerRetryPerSec, balancerRetryMaxToks)
+	}
+	b.last = now
+	if b.tokens < 1 {
+		return false
+	}
+	b.tokens--
+	return true
 }

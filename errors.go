@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/http"
 	"strconv"
+	"strings"
 )
 
 // Code is an RPC status code: one of the sixteen codes shared by Connect and
@@ -93,14 +94,20 @@ func (c Code) HTTPStatus() int {
 // MarshalText writes the code's Connect name.
 func (c Code) MarshalText() ([]byte, error) { return []byte(c.String()), nil }
 
-// UnmarshalText reads a Connect code name; an unknown name is an error.
+// UnmarshalText reads a Connect code name, or the "code_N" form String
+// gives a code outside the sixteen; anything else is an error.
 func (c *Code) UnmarshalText(b []byte) error {
-	code, ok := ParseCode(string(b))
-	if !ok {
-		return fmt.Errorf("micro: unknown error code %q", b)
+	if code, ok := ParseCode(string(b)); ok {
+		*c = code
+		return nil
 	}
-	*c = code
-	return nil
+	if n, ok := strings.CutPrefix(string(b), "code_"); ok {
+		if v, err := strconv.ParseUint(n, 10, 32); err == nil {
+			*c = Code(v)
+			return nil
+		}
+	}
+	return fmt.Errorf("micro: unknown error code %q", b)
 }
 
 // ParseCode returns the code with the Connect name s ("not_found").

@@ -79,6 +79,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -364,14 +365,24 @@ func (s *Service) Start() error {
 		return fmt.Errorf("micro: listen on %s: %w", s.opts.address, err)
 	}
 	s.ln = ln
-	if s.server.closed || s.server.hs != nil { // restarted after Stop
+	hs, err := s.server.httpServer()
+	if errors.Is(err, ErrClosed) { // started again after Stop
 		s.server = s.server.restart()
+		hs, err = s.server.httpServer()
+	}
+	if err != nil {
+		ln.Close()
+		return err
 	}
 	s.serveErr = make(chan error, 1)
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
-		s.serveErr <- s.server.Serve(ln)
+		err := hs.Serve(ln)
+		if errors.Is(err, http.ErrServerClosed) {
+			err = nil
+		}
+		s.serveErr <- err
 	}()
 
 	id := make([]byte, 8)

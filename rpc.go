@@ -607,12 +607,27 @@ func rpcReadError(status int, header http.Header, body []byte) *Error {
 
 // Serve accepts connections on l and serves them with HTTP/1.1 and
 // cleartext HTTP/2 until Shutdown or Close, when it returns nil. It may be
-// called for several listeners.
+// called for several listeners. After Shutdown or Close it closes l and
+// returns ErrClosed.
 func (s *Server) Serve(l net.Listener) error {
+	hs, err := s.httpServer()
+	if err != nil {
+		l.Close()
+		return err
+	}
+	err = hs.Serve(l)
+	if errors.Is(err, http.ErrServerClosed) {
+		return nil
+	}
+	return err
+}
+
+// httpServer returns the http.Server that serves s, made on first use.
+func (s *Server) httpServer() (*http.Server, error) {
 	s.mu.Lock()
+	defer s.mu.Unlock()
 	if s.closed {
-		s.mu.Unlock()
-		return ErrClosed
+		return nil, ErrClosed
 	}
 	if s.hs == nil {
 		protocols := new(http.Protocols)
@@ -627,13 +642,7 @@ func (s *Server) Serve(l net.Listener) error {
 			ErrorLog:          slog.NewLogLogger(s.opts.logger.Handler(), slog.LevelDebug),
 		}
 	}
-	hs := s.hs
-	s.mu.Unlock()
-	err := hs.Serve(l)
-	if errors.Is(err, http.ErrServerClosed) {
-		return nil
-	}
-	return err
+	return s.hs, nil
 }
 
 // Shutdown stops accepting, lets calls in flight finish, and returns when
@@ -721,16 +730,15 @@ type Client struct {
 }
 
 type clientOptions struct {
-	registry    Registry
-	balancer    Balancer
-	transport   http.RoundTripper
-	wrappers    []CallWrapper
-	codecs      []Codec
-	logger      *slog.Logger
-	maxRspSize  int64
-	cacheTTL    time.Duration
-	call        callOptions // defaults for every call
-	retryBudget float64
+	registry   Registry
+	balancer   Balancer
+	transport  http.RoundTripper
+	wrappers   []CallWrapper
+	codecs     []Codec
+	logger     *slog.Logger
+	maxRspSize int64
+	cacheTTL   time.Duration
+	call       callOptions // defaults for every call
 }
 
 type callOptions struct {
@@ -748,10 +756,9 @@ type callOptions struct {
 func NewClient(opts ...ClientOption) *Client {
 	c := &Client{
 		opts: clientOptions{
-			logger:      rpcDiscard,
-			maxRspSize:  64 << 20,
-			cacheTTL:    time.Minute,
-			retryBudget: 10,
+			logger:     rpcDiscard,
+			maxRspSize: 64 << 20,
+			cacheTTL:   time.Minute,
 			call: callOptions{
 				timeout:     10 * time.Second,
 				retries:     2,
@@ -781,7 +788,7 @@ func (c *Client) apply(opts []ClientOption) {
 	if c.opts.registry != nil {
 		c.cache = newRegistryCache(c.opts.registry, c.opts.cacheTTL)
 	}
-	c.budget = newBalancerRetryBudget(c.opts.retryBudget)
+	c.budget = newBalancerRetryBudget()
 	rt := c.opts.transport
 	if rt == nil {
 		if c.hc != nil {
@@ -873,6 +880,7 @@ func (c *Client) callService(ctx context.Context, req *Request, rsp any, opts ..
 			md.Set(k, v)
 		}
 	}
+	c.budget.deposit()
 	var tried []string
 	for attempt := 0; ; attempt++ {
 		candidates := nodes
@@ -896,13 +904,9 @@ func (c *Client) callService(ctx context.Context, req *Request, rsp any, opts ..
 			done(err)
 		}
 		if err == nil {
-			c.budget.success()
 			return nil
 		}
-		if CodeOf(err) != CodeUnavailable || ctx.Err() != nil {
-			return err
-		}
-		if !c.budget.failure() || attempt >= o.retries {
+		if CodeOf(err) != CodeUnavailable || ctx.Err() != nil || attempt >= o.retries || !c.budget.withdraw() {
 			return err
 		}
 		tried = append(tried, node.Address)

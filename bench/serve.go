@@ -1,0 +1,118 @@
+package bench
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"runtime"
+	"runtime/pprof"
+	"strings"
+)
+
+// Serve runs the echo server of implementation name on addr ("127.0.0.1:0"
+// picks a port) and speaks a line protocol with the process that drives it.
+// Its first line on out is the bound address. Then it answers each line read
+// from in:
+//
+//	stats                  stats mallocs=N bytes=N gcs=N (runtime.MemStats Mallocs, TotalAlloc, NumGC)
+//	cpuprofile-start PATH  ok, once a CPU profile of this process is being written to PATH
+//	cpuprofile-stop        ok, once the profile is written and closed
+//	quit                   stops
+//
+// and anything else with "error MESSAGE". It stops at the end of in, on quit,
+// or when ctx ends, and returns once the server has stopped. If ctx ends
+// first, the goroutine reading in stays blocked until in ends, which is when
+// the process exits for cmd/rpcbench.
+func Serve(ctx context.Context, name, addr string, in io.Reader, out io.Writer) error {
+	impl, err := benchLookup(name)
+	if err != nil {
+		return err
+	}
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return err
+	}
+	srv, err := impl.serve(l)
+	if err != nil {
+		l.Close()
+		return err
+	}
+	if _, err := fmt.Fprintln(out, l.Addr().String()); err != nil {
+		srv.Close()
+		return err
+	}
+	lines := make(chan string)
+	go func() {
+		defer close(lines)
+		sc := bufio.NewScanner(in)
+		for sc.Scan() {
+			lines <- sc.Text()
+		}
+	}()
+	var prof *os.File
+	defer func() {
+		if prof != nil {
+			pprof.StopCPUProfile()
+			prof.Close()
+		}
+	}()
+	for {
+		var line string
+		var ok bool
+		select {
+		case <-ctx.Done():
+		case line, ok = <-lines:
+		}
+		if !ok || line == "quit" {
+			return srv.Close()
+		}
+		reply := serveCommand(line, &prof)
+		if _, err := fmt.Fprintln(out, reply); err != nil {
+			return errors.Join(err, srv.Close())
+		}
+	}
+}
+
+// serveCommand runs one control line and returns the reply.
+func serveCommand(line string, prof **os.File) string {
+	cmd, arg, _ := strings.Cut(strings.TrimSpace(line), " ")
+	switch cmd {
+	case "stats":
+		var ms runtime.MemStats
+		runtime.ReadMemStats(&ms)
+		return fmt.Sprintf("stats mallocs=%d bytes=%d gcs=%d", ms.Mallocs, ms.TotalAlloc, ms.NumGC)
+	case "cpuprofile-start":
+		if *prof != nil {
+			return "error a CPU profile is running already"
+		}
+		if arg == "" {
+			return "error cpuprofile-start needs a path"
+		}
+		f, err := os.Create(arg)
+		if err != nil {
+			return "error " + err.Error()
+		}
+		if err := pprof.StartCPUProfile(f); err != nil {
+			f.Close()
+			return "error " + err.Error()
+		}
+		*prof = f
+		return "ok"
+	case "cpuprofile-stop":
+		if *prof == nil {
+			return "error no CPU profile is running"
+		}
+		pprof.StopCPUProfile()
+		err := (*prof).Close()
+		*prof = nil
+		if err != nil {
+			return "error " + err.Error()
+		}
+		return "ok"
+	}
+	return fmt.Sprintf("error unknown command %q; want stats, cpuprofile-start PATH, cpuprofile-stop or quit", cmd)
+}
