@@ -266,26 +266,26 @@ func FilterMetadata(key, value string) Filter {
 // than about a fifth to the load on a failing system, while a few early
 // failures (a node dying under concurrent calls) are always retried.
 type balancerRetryBudget struct {
-	mu     sync.Mutex
-	tokens float64
-	last   time.Time
-	now    func() time.Time
+	mu    sync.Mutex
+	milli int64 // thousandths of a token
+	last  time.Time
+	now   func() time.Time
 }
 
 const (
-	balancerRetryRatio   = 0.2 // tokens each call deposits
-	balancerRetryPerSec  = 10  // reserve refill, tokens a second
-	balancerRetryMaxToks = 100 // the most the budget holds
+	balancerRetryDeposit = 200     // milli-tokens each call deposits
+	balancerRetryPerSec  = 10      // reserve refill, tokens a second
+	balancerRetryMax     = 100_000 // the most the budget holds, milli-tokens
 )
 
 func newBalancerRetryBudget() *balancerRetryBudget {
-	return &balancerRetryBudget{tokens: balancerRetryPerSec, now: time.Now}
+	return &balancerRetryBudget{milli: balancerRetryPerSec * 1000, now: time.Now}
 }
 
 // deposit records a call.
 func (b *balancerRetryBudget) deposit() {
 	b.mu.Lock()
-	b.tokens = min(b.tokens+balancerRetryRatio, balancerRetryMaxToks)
+	b.milli = min(b.milli+balancerRetryDeposit, balancerRetryMax)
 	b.mu.Unlock()
 }
 
@@ -295,12 +295,12 @@ func (b *balancerRetryBudget) withdraw() bool {
 	defer b.mu.Unlock()
 	now := b.now()
 	if !b.last.IsZero() {
-		b.tokens = min(b.tokens+now.Sub(b.last).Seconds()*balancerRetryPerSec, balancerRetryMaxToks)
+		b.milli = min(b.milli+now.Sub(b.last).Milliseconds()*balancerRetryPerSec, balancerRetryMax)
 	}
 	b.last = now
-	if b.tokens < 1 {
+	if b.milli < 1000 {
 		return false
 	}
-	b.tokens--
+	b.milli -= 1000
 	return true
 }

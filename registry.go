@@ -533,6 +533,9 @@ func newRegistryCache(reg Registry, ttl time.Duration) *registryCache {
 // lookup returns the records of a service, from the cache when fresh. The
 // caller must not modify them.
 func (c *registryCache) lookup(ctx context.Context, name string) ([]*ServiceInfo, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
 	c.mu.Lock()
 	if c.closed {
 		c.mu.Unlock()
