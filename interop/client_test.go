@@ -188,11 +188,23 @@ func TestClientConnectDeadline(t *testing.T) {
 	if got := micro.CodeOf(err); got != micro.CodeDeadlineExceeded {
 		t.Errorf("code = %v, want deadline_exceeded (error %v)", got, err)
 	}
-	seen := <-e.waits
+	seen := awaitWait(t, e.waits)
 	if !seen.ok {
 		t.Fatal("the connect-go handler's context had no deadline; micro sent no Connect-Timeout-Ms")
 	}
 	if seen.left <= 0 || seen.left > timeout {
 		t.Errorf("the handler had %v left, want within (0, %v]", seen.left, timeout)
+	}
+}
+
+func TestClientConnectUnknownProcedure(t *testing.T) {
+	addr, _ := newConnectServer(t)
+	cli := newMicroClient(t)
+	// The mux answers 404 with a plain-text body; the Connect protocol maps
+	// that status to unimplemented.
+	err := cli.Call(context.Background(), "echo", "interop.v1.Echo.Missing", &HelloRequest{}, &HelloResponse{},
+		micro.WithAddress(addr))
+	if got := micro.CodeOf(err); got != micro.CodeUnimplemented {
+		t.Errorf("code = %v, want unimplemented (error %v)", got, err)
 	}
 }

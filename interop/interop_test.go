@@ -135,6 +135,19 @@ func newMicroClient(t *testing.T, opts ...micro.ClientOption) *micro.Client {
 // hostPort strips the scheme from a base URL, for micro.WithAddress.
 func hostPort(baseURL string) string { return strings.TrimPrefix(baseURL, "http://") }
 
+// awaitWait returns what a blocking handler reported, or fails the test if
+// the handler never ran (the call failed before reaching it).
+func awaitWait(t *testing.T, waits <-chan waitSeen) waitSeen {
+	t.Helper()
+	select {
+	case seen := <-waits:
+		return seen
+	case <-time.After(5 * time.Second):
+		t.Fatal("the handler never ran")
+		return waitSeen{}
+	}
+}
+
 // asConnectError returns err as a *connect.Error or fails the test.
 func asConnectError(t *testing.T, err error) *connect.Error {
 	t.Helper()

@@ -247,7 +247,7 @@ func TestConnectClientDeadline(t *testing.T) {
 	if got := connect.CodeOf(err); got != connect.CodeDeadlineExceeded {
 		t.Errorf("code = %v, want deadline_exceeded (error %v)", got, err)
 	}
-	seen := <-g.waits
+	seen := awaitWait(t, g.waits)
 	if !seen.ok {
 		t.Fatal("the handler's context had no deadline; Connect-Timeout-Ms was not applied")
 	}
