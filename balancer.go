@@ -26,8 +26,8 @@ type Strategy int
 // The strategies of [NewBalancer].
 const (
 	// LeastInFlight picks two healthy nodes at random and takes the one
-	// with fewer calls in flight, then the lower latency (power of two
-	// choices). It is the client's default.
+	// with fewer calls in flight (power of two choices); a tie goes to the
+	// first, at random. It is the client's default.
 	LeastInFlight Strategy = iota
 	// RoundRobin takes the healthy nodes in turn.
 	RoundRobin
@@ -58,10 +58,9 @@ type NodeBalancer struct {
 // balancerNode is what a NodeBalancer knows of one address.
 type balancerNode struct {
 	inflight  atomic.Int64
-	latency   atomic.Int64 // EWMA of successful call latency, ns
-	fails     int          // consecutive failures (under NodeBalancer.mu)
-	ejections int          // ejections since the last success
-	until     time.Time    // ejected until
+	fails     int       // consecutive failures (under NodeBalancer.mu)
+	ejections int       // ejections since the last success
+	until     time.Time // ejected until
 }
 
 // BalancerOption configures a [NodeBalancer].
@@ -139,33 +138,22 @@ func (b *NodeBalancer) Pick(ctx context.Context, nodes []*Node) (*Node, func(err
 			if j >= i {
 				j++
 			}
-			if balancerLess(states[j], states[i]) {
+			if states[j].inflight.Load() < states[i].inflight.Load() {
 				i = j
 			}
 		}
 	}
 	st := states[i]
 	st.inflight.Add(1)
-	start := now
 	var once atomic.Bool
 	done := func(err error) {
 		if !once.CompareAndSwap(false, true) {
 			return
 		}
 		st.inflight.Add(-1)
-		b.report(st, err, b.now().Sub(start))
+		b.report(st, err)
 	}
 	return healthy[i], done, nil
-}
-
-// balancerLess reports whether a is the better choice: fewer calls in flight,
-// then lower latency.
-func balancerLess(a, b *balancerNode) bool {
-	ai, bi := a.inflight.Load(), b.inflight.Load()
-	if ai != bi {
-		return ai < bi
-	}
-	return a.latency.Load() < b.latency.Load()
 }
 
 func (b *NodeBalancer) stateLocked(addr string) *balancerNode {
@@ -178,16 +166,8 @@ func (b *NodeBalancer) stateLocked(addr string) *balancerNode {
 }
 
 // report records an attempt's result.
-func (b *NodeBalancer) report(st *balancerNode, err error, took time.Duration) {
+func (b *NodeBalancer) report(st *balancerNode, err error) {
 	if !balancerIsNodeFailure(err) {
-		if err == nil {
-			old := st.latency.Load()
-			if old == 0 {
-				st.latency.Store(int64(took))
-			} else {
-				st.latency.Store(old + (int64(took)-old)/8)
-			}
-		}
 		b.mu.Lock()
 		st.fails, st.ejections = 0, 0
 		b.mu.Unlock()

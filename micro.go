@@ -95,7 +95,8 @@ import (
 // register handlers on [Service.Server], then [Service.Run] (or Start and
 // Stop). Its methods are safe for concurrent use.
 type Service struct {
-	mu       sync.Mutex
+	life     sync.Mutex // serialises Start and Stop
+	mu       sync.Mutex // guards the fields below
 	opts     serviceOptions
 	server   *Server
 	client   *Client
@@ -124,6 +125,7 @@ type serviceOptions struct {
 	ctx              context.Context
 	signal           bool
 	args             []string
+	flags            *flag.FlagSet
 	logger           *slog.Logger
 	beforeStart      []func() error
 	afterStart       []func() error
@@ -204,19 +206,29 @@ func (s *Service) Init(opts ...ServiceOption) error {
 	for _, opt := range opts {
 		opt.applyService(o)
 	}
-	fs := flag.NewFlagSet(o.name, flag.ContinueOnError)
-	fs.SetOutput(new(strings.Builder))
-	metadata := serviceMetaFlag{m: o.metadata}
-	fs.StringVar(&o.name, "name", o.name, "service name")
-	fs.StringVar(&o.version, "version", o.version, "service version")
-	fs.StringVar(&o.address, "address", o.address, "address to listen on (host:port)")
-	fs.StringVar(&o.advertise, "advertise", o.advertise, "address to register (default: the bound address)")
-	fs.StringVar(&o.registryName, "registry", o.registryName, "registry: memory")
-	fs.DurationVar(&o.registerTTL, "register_ttl", o.registerTTL, "registration TTL")
-	fs.DurationVar(&o.registerInterval, "register_interval", o.registerInterval, "re-registration interval")
-	fs.Var(&metadata, "metadata", "service metadata key=value (repeatable)")
+	fs := o.flags
+	if fs == nil {
+		fs = flag.NewFlagSet(o.name, flag.ContinueOnError)
+		fs.SetOutput(new(strings.Builder))
+	}
+	metadata := &serviceMetaFlag{m: o.metadata}
+	if fs.Lookup("register_ttl") == nil { // Init may run twice on one FlagSet
+		fs.StringVar(&o.name, "name", o.name, "service name")
+		fs.StringVar(&o.version, "version", o.version, "service version")
+		fs.StringVar(&o.address, "address", o.address, "address to listen on (host:port)")
+		fs.StringVar(&o.advertise, "advertise", o.advertise, "address to register (default: the bound address)")
+		fs.StringVar(&o.registryName, "registry", o.registryName, "registry: memory")
+		fs.DurationVar(&o.registerTTL, "register_ttl", o.registerTTL, "registration TTL")
+		fs.DurationVar(&o.registerInterval, "register_interval", o.registerInterval, "re-registration interval")
+		fs.Var(metadata, "metadata", "service metadata key=value (repeatable)")
+	} else if f, ok := fs.Lookup("metadata").Value.(*serviceMetaFlag); ok {
+		metadata = f
+	}
 	var envErr error
 	fs.VisitAll(func(f *flag.Flag) {
+		if !serviceFlagNames[f.Name] {
+			return // the program's own flags
+		}
 		v, ok := os.LookupEnv("MICRO_" + strings.ToUpper(f.Name))
 		if !ok || envErr != nil {
 			return
@@ -239,7 +251,7 @@ func (s *Service) Init(opts ...ServiceOption) error {
 	}
 	var args []string
 	for _, a := range o.args { // go test's own flags, when a test calls Init
-		if !strings.HasPrefix(a, "-test.") {
+		if o.flags != nil || !strings.HasPrefix(a, "-test.") {
 			args = append(args, a)
 		}
 	}
@@ -271,6 +283,13 @@ func (s *Service) Init(opts ...ServiceOption) error {
 		s.client.apply(clientOpts)
 	}
 	return nil
+}
+
+// serviceFlagNames are the flags Init defines, each also read from the
+// environment as MICRO_NAME and so on.
+var serviceFlagNames = map[string]bool{
+	"name": true, "version": true, "address": true, "advertise": true, "registry": true,
+	"register_ttl": true, "register_interval": true, "metadata": true,
 }
 
 // serviceMetaFlag is a repeatable key=value flag.
@@ -345,26 +364,45 @@ func (s *Service) Info() *ServiceInfo {
 
 // Start runs the before-start hooks, listens, serves, registers the node
 // and runs the after-start hooks, then returns. A registry that fails is
-// retried in the background until it takes the registration.
+// retried in the background until it takes the registration. Hooks may call
+// the service's getters, but not Start or Stop.
 func (s *Service) Start() error {
+	s.life.Lock()
+	defer s.life.Unlock()
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.running {
+	running, opts := s.running, s.opts
+	s.mu.Unlock()
+	if running {
 		return errors.New("micro: service already started")
 	}
-	if s.client.closed.Load() { // restarted after Stop
-		s.client = NewClient(append(s.opts.clientOpts, WithRegistry(s.registry))...)
-	}
-	for _, h := range s.opts.beforeStart {
+	for _, h := range opts.beforeStart {
 		if err := h(); err != nil {
 			return err
 		}
+	}
+	if err := s.start(); err != nil {
+		return err
+	}
+	for _, h := range opts.afterStart {
+		if err := h(); err != nil {
+			s.stop()
+			return err
+		}
+	}
+	return nil
+}
+
+// start listens, serves and registers; the caller holds s.life.
+func (s *Service) start() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.client.closed.Load() { // started again after Stop
+		s.client = NewClient(append(s.opts.clientOpts, WithRegistry(s.registry))...)
 	}
 	ln, err := net.Listen("tcp", s.opts.address)
 	if err != nil {
 		return fmt.Errorf("micro: listen on %s: %w", s.opts.address, err)
 	}
-	s.ln = ln
 	hs, err := s.server.httpServer()
 	if errors.Is(err, ErrClosed) { // started again after Stop
 		s.server = s.server.restart()
@@ -374,6 +412,7 @@ func (s *Service) Start() error {
 		ln.Close()
 		return err
 	}
+	s.ln = ln
 	s.serveErr = make(chan error, 1)
 	s.wg.Add(1)
 	go func() {
@@ -413,15 +452,6 @@ func (s *Service) Start() error {
 	}
 	s.wg.Add(1)
 	go s.registerLoop(ctx, s.registry, s.info.Clone(), err == nil)
-
-	for _, h := range s.opts.afterStart {
-		if err := h(); err != nil {
-			s.mu.Unlock()
-			s.Stop()
-			s.mu.Lock()
-			return err
-		}
-	}
 	return nil
 }
 
@@ -482,40 +512,57 @@ func serviceAdvertise(a *net.TCPAddr) string {
 
 // Stop runs the before-stop hooks, deregisters, stops accepting calls, lets
 // those in flight finish within the grace period (then cuts them), closes the
-// client (and the registry if the service made it), and runs the after-stop
-// hooks. It is idempotent and ends Run.
+// client, and runs the after-stop hooks. It is idempotent and ends Run.
 func (s *Service) Stop() error {
+	s.life.Lock()
+	defer s.life.Unlock()
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	if !s.running {
+	running, opts := s.running, s.opts
+	s.mu.Unlock()
+	if !running {
 		return nil
 	}
-	s.running = false
 	var errs []error
-	for _, h := range s.opts.beforeStop {
+	for _, h := range opts.beforeStop {
 		errs = append(errs, h())
 	}
+	errs = append(errs, s.stop())
+	for _, h := range opts.afterStop {
+		errs = append(errs, h())
+	}
+	return errors.Join(errs...)
+}
+
+// stop deregisters, drains and stops; the caller holds s.life. The service's
+// fields are read under s.mu, but the waiting happens outside it, so getters
+// answer during a drain.
+func (s *Service) stop() error {
+	s.mu.Lock()
+	s.running = false
 	s.cancel() // ends the register loop
+	reg, info, server, client, grace := s.registry, s.info, s.server, s.client, s.opts.gracePeriod
+	s.mu.Unlock()
+
+	var errs []error
 	dctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	if err := s.registry.Deregister(dctx, s.info); err != nil {
+	if err := reg.Deregister(dctx, info); err != nil {
 		errs = append(errs, fmt.Errorf("micro: deregister: %w", err))
 	}
 	cancel()
-	sctx, cancel := context.WithTimeout(context.Background(), s.opts.gracePeriod)
-	if err := s.server.Shutdown(sctx); err != nil {
-		errs = append(errs, fmt.Errorf("micro: calls still running after the %s grace period were cut", s.opts.gracePeriod))
+	sctx, cancel := context.WithTimeout(context.Background(), grace)
+	if err := server.Shutdown(sctx); err != nil {
+		errs = append(errs, fmt.Errorf("micro: calls still running after the %s grace period were cut", grace))
 	}
 	cancel()
 	s.wg.Wait()
 	if err := <-s.serveErr; err != nil {
 		errs = append(errs, err)
 	}
-	s.client.Close()
+	client.Close()
+	s.mu.Lock()
 	s.ln = nil
 	close(s.stopped)
-	for _, h := range s.opts.afterStop {
-		errs = append(errs, h())
-	}
+	s.mu.Unlock()
 	return errors.Join(errs...)
 }
 
@@ -631,6 +678,14 @@ func HandleSignal(b bool) ServiceOption {
 // command line.
 func Args(args ...string) ServiceOption {
 	return rpcOption{service: func(o *serviceOptions) { o.args = args }}
+}
+
+// Flags makes Init define the service's flags on fs, beside the program's
+// own, and parse the command line into all of them at once (default: a
+// FlagSet of the service's own). With flag.CommandLine, -h prints the usage
+// of every flag and exits, as Go programs do.
+func Flags(fs *flag.FlagSet) ServiceOption {
+	return rpcOption{service: func(o *serviceOptions) { o.flags = fs }}
 }
 
 // BeforeStart adds a hook run by Start before listening; an error aborts

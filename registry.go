@@ -556,6 +556,12 @@ func (c *registryCache) lookup(ctx context.Context, name string) ([]*ServiceInfo
 	ch := c.sf.DoChan(name, func() (any, error) {
 		// Detached from any one caller, so a canceled caller does not fail
 		// the others waiting on the same lookup.
+		c.mu.Lock()
+		e, ok := c.entries[name] // filled by a lookup that ended just now
+		c.mu.Unlock()
+		if ok && time.Now().Before(e.expires) {
+			return e.services, nil
+		}
 		lctx, cancel := context.WithTimeout(c.ctx, 10*time.Second)
 		defer cancel()
 		services, err := c.reg.Lookup(lctx, name)
