@@ -511,3 +511,19 @@ var _ = func() error {
 	service.Init()
 	return service.Run()
 }
+
+func TestServiceStartsAgainAfterStop(t *testing.T) {
+	checkGoroutines(t)
+	reg := NewMemoryRegistry()
+	t.Cleanup(func() { reg.Close() })
+	svc := newTestService(t, "greeter", []any{&Greeter{id: "g"}}, WithRegistry(reg))
+	assertNoError(t, svc.Stop())
+	assertNoError(t, svc.Stop()) // idempotent
+	if _, err := reg.Lookup(context.Background(), "greeter"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("still registered after Stop: %v", err)
+	}
+	assertNoError(t, svc.Start())
+	var rsp HelloResponse
+	assertNoError(t, svc.Client().Call(context.Background(), "greeter", "Greeter.Hello", &HelloRequest{Name: "again"}, &rsp))
+	assertEqual(t, rsp.Message, "hello again")
+}

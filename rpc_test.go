@@ -602,3 +602,21 @@ func BenchmarkServeHTTP(b *testing.B) {
 		}
 	}
 }
+
+func TestCleartextHTTP2(t *testing.T) {
+	checkGoroutines(t)
+	addr, _ := newTestServer(t, nil, &Greeter{id: "h2"})
+	protocols := new(http.Protocols)
+	protocols.SetUnencryptedHTTP2(true) // prior knowledge, as gRPC-style clients speak it
+	tr := &http.Transport{Protocols: protocols}
+	defer tr.CloseIdleConnections()
+	req, _ := http.NewRequest(http.MethodPost, "http://"+addr+"/Greeter/Hello", strings.NewReader(`{"name":"h2"}`))
+	req.Header.Set("Content-Type", "application/json")
+	rsp, err := tr.RoundTrip(req)
+	assertNoError(t, err)
+	defer rsp.Body.Close()
+	body, _ := io.ReadAll(rsp.Body)
+	assertEqual(t, rsp.ProtoMajor, 2)
+	assertEqual(t, rsp.StatusCode, 200)
+	assertEqual(t, strings.TrimSpace(string(body)), `{"message":"hello h2","node":"h2"}`)
+}
