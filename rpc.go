@@ -35,8 +35,7 @@ func (md MD) Set(key, value string) { md[textproto.CanonicalMIMEHeaderKey(key)] 
 
 type (
 	rpcOutgoingKey struct{}
-	rpcIncomingKey struct{}
-	rpcHeaderKey   struct{}
+	rpcCallKey     struct{}
 )
 
 // NewContext returns a copy of ctx carrying md (merged over any metadata it
@@ -59,26 +58,46 @@ func NewContext(ctx context.Context, md MD) context.Context {
 // that is wanted (a trace ID, say), since blind forwarding would hand the
 // caller's credentials to every service downstream.
 func FromContext(ctx context.Context) (MD, bool) {
-	md, ok := ctx.Value(rpcIncomingKey{}).(MD)
-	return md, ok
+	c, ok := ctx.Value(rpcCallKey{}).(*rpcCall)
+	if !ok {
+		return nil, false
+	}
+	return c.incoming(), true
 }
 
 // SetHeader sets a response header (metadata the caller receives) from inside
-// a handler. It fails outside a handler's context.
+// a handler, before it returns. It fails outside a handler's context.
 func SetHeader(ctx context.Context, key, value string) error {
-	h, ok := ctx.Value(rpcHeaderKey{}).(*rpcResponseHeader)
+	c, ok := ctx.Value(rpcCallKey{}).(*rpcCall)
 	if !ok {
 		return errors.New("micro: SetHeader called outside a handler")
 	}
-	h.mu.Lock()
-	h.md.Set(key, value)
-	h.mu.Unlock()
+	c.mu.Lock()
+	if c.out == nil {
+		c.out = MD{}
+	}
+	c.out.Set(key, value)
+	c.mu.Unlock()
 	return nil
 }
 
-type rpcResponseHeader struct {
-	mu sync.Mutex
-	md MD
+// rpcCall is what a handler's context carries: the request's headers, turned
+// into metadata on first use, and the response metadata the handler sets.
+// One allocation serves both.
+type rpcCall struct {
+	header http.Header
+	mu     sync.Mutex
+	in     MD
+	out    MD
+}
+
+func (c *rpcCall) incoming() MD {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.in == nil {
+		c.in = rpcIncomingMetadata(c.header)
+	}
+	return c.in
 }
 
 // Request describes a call for middleware: on the server, the call being
@@ -334,16 +353,6 @@ func (m *rpcMethod) call(ctx context.Context, req *Request) (any, error) {
 	return out[0].Interface(), nil
 }
 
-// newRequest returns a value to decode the request into (a pointer) and the
-// value the method takes.
-func (m *rpcMethod) newRequest() (ptr any, arg func() any) {
-	p := codecNew(m.reqType)
-	if m.reqType.Kind() == reflect.Pointer {
-		return p.Interface(), p.Interface
-	}
-	return p.Interface(), func() any { return p.Elem().Interface() }
-}
-
 // rpcPath maps "pkg.Greeter.Hello" to "/pkg.Greeter/Hello".
 func rpcPath(endpoint string) string {
 	i := strings.LastIndexByte(endpoint, '.')
@@ -394,15 +403,35 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			s.serveHealth(w)
 			return
 		}
-		rpcWriteError(w, Errorf(CodeUnimplemented, "no endpoint at %s", r.URL.Path))
+		rpcWriteReply(w, rpcErrorReply(0, Errorf(CodeUnimplemented, "no endpoint at %s", r.URL.Path)))
 		return
 	}
 	if r.Method != http.MethodPost {
-		w.Header().Set("Allow", http.MethodPost)
-		rpcWriteErrorStatus(w, http.StatusMethodNotAllowed, Errorf(CodeUnimplemented, "method %s not allowed; use POST", r.Method))
+		rep := rpcErrorReply(http.StatusMethodNotAllowed, Errorf(CodeUnimplemented, "method %s not allowed; use POST", r.Method))
+		rep.md = MD{"Allow": http.MethodPost}
+		rpcWriteReply(w, rep)
 		return
 	}
-	s.serveUnary(w, r, m)
+	limit := s.opts.maxBodySize
+	if r.ContentLength > limit {
+		rpcWriteReply(w, rpcErrorReply(0, rpcTooBig(limit)))
+		return
+	}
+	var buf bytes.Buffer
+	if r.ContentLength > 0 {
+		buf.Grow(int(r.ContentLength))
+	}
+	_, err := buf.ReadFrom(http.MaxBytesReader(w, r.Body, limit))
+	var maxErr *http.MaxBytesError
+	switch {
+	case errors.As(err, &maxErr):
+		rpcWriteReply(w, rpcErrorReply(0, rpcTooBig(limit)))
+		return
+	case err != nil:
+		rpcWriteReply(w, rpcErrorReply(0, Errorf(CodeInvalidArgument, "reading the request body: %v", err)))
+		return
+	}
+	rpcWriteReply(w, s.unary(r.Context(), m, r.Header, buf.Bytes()))
 }
 
 func (s *Server) serveHealth(w http.ResponseWriter) {
@@ -415,65 +444,70 @@ func (s *Server) serveHealth(w http.ResponseWriter) {
 	io.WriteString(w, `{"status":"serving"}`)
 }
 
-// serveUnary runs a Connect unary call.
-func (s *Server) serveUnary(w http.ResponseWriter, r *http.Request, m *rpcMethod) {
-	ct := r.Header.Get("Content-Type")
+// rpcReply is a unary reply, framed by whichever transport took the call.
+type rpcReply struct {
+	status      int
+	contentType string
+	md          MD // response metadata, and protocol headers such as Allow
+	body        []byte
+}
+
+// unary serves a Connect unary call to m, given its headers and its body as
+// it came off the wire (compressed or not, within the size limit). It never
+// keeps raw after it returns.
+func (s *Server) unary(ctx context.Context, m *rpcMethod, h http.Header, raw []byte) rpcReply {
+	ct := h.Get("Content-Type")
 	codec := s.codecs.get(ct)
 	if codec == nil {
-		w.Header().Set("Accept-Post", s.codecs.names())
-		rpcWriteErrorStatus(w, http.StatusUnsupportedMediaType,
-			Errorf(CodeInvalidArgument, "unsupported content type %q", ct))
-		return
+		rep := rpcErrorReply(http.StatusUnsupportedMediaType, Errorf(CodeInvalidArgument, "unsupported content type %q", ct))
+		rep.md = MD{"Accept-Post": s.codecs.names()}
+		return rep
 	}
-	ctx := r.Context()
-	if v := r.Header.Get("Connect-Timeout-Ms"); v != "" {
+	if v := h.Get("Connect-Timeout-Ms"); v != "" {
 		ms, err := strconv.ParseUint(v, 10, 64)
 		if err != nil || len(v) > 10 {
-			rpcWriteError(w, Errorf(CodeInvalidArgument, "bad Connect-Timeout-Ms %q", v))
-			return
+			return rpcErrorReply(0, Errorf(CodeInvalidArgument, "bad Connect-Timeout-Ms %q", v))
 		}
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, time.Duration(ms)*time.Millisecond)
 		defer cancel()
 	}
-	body, err := s.readBody(w, r)
+	body, err := rpcDecodeBody(raw, h.Get("Content-Encoding"), s.opts.maxBodySize)
 	if err != nil {
-		rpcWriteError(w, err)
-		return
+		return rpcErrorReply(0, err)
 	}
-	ptr, arg := m.newRequest()
-	if err := codec.Unmarshal(body, ptr); err != nil {
-		rpcWriteError(w, Errorf(CodeInvalidArgument, "malformed %s request: %v", codec.ContentType(), err))
-		return
+	ptr := codecNew(m.reqType)
+	if err := codec.Unmarshal(body, ptr.Interface()); err != nil {
+		return rpcErrorReply(0, Errorf(CodeInvalidArgument, "malformed %s request: %v", codec.ContentType(), err))
 	}
-	hdr := &rpcResponseHeader{md: MD{}}
-	md := rpcIncomingMetadata(r.Header)
-	ctx = context.WithValue(ctx, rpcIncomingKey{}, md)
-	ctx = context.WithValue(ctx, rpcHeaderKey{}, hdr)
-	req := &Request{Service: s.opts.name, Endpoint: m.name, ContentType: codec.ContentType(), Header: md, Body: arg()}
-
+	call := &rpcCall{header: h}
+	ctx = context.WithValue(ctx, rpcCallKey{}, call)
+	req := &Request{Service: s.opts.name, Endpoint: m.name, ContentType: codec.ContentType(), Body: ptr.Interface()}
+	if m.reqType.Kind() != reflect.Pointer {
+		req.Body = ptr.Elem().Interface()
+	}
+	if len(s.opts.wrappers) > 0 { // only middleware reads it; handlers use FromContext
+		req.Header = call.incoming()
+	}
 	rsp, err := s.invoke(ctx, m, req)
-	hdr.mu.Lock()
-	for k, v := range hdr.md {
-		w.Header().Set(k, v)
-	}
-	hdr.mu.Unlock()
+	call.mu.Lock()
+	out := call.out
+	call.mu.Unlock()
 	if err != nil {
 		if ctx.Err() != nil && CodeOf(err) == CodeUnknown {
 			err = ctx.Err()
 		}
-		rpcWriteError(w, err)
-		return
+		rep := rpcErrorReply(0, err)
+		rep.md = rpcMergeMD(out, rep.md)
+		return rep
 	}
-	out, err := codec.Marshal(rsp)
+	b, err := codec.Marshal(rsp)
 	if err != nil {
-		rpcWriteError(w, Errorf(CodeInternal, "encoding the response: %v", err))
-		return
+		rep := rpcErrorReply(0, Errorf(CodeInternal, "encoding the response: %v", err))
+		rep.md = out
+		return rep
 	}
-	w.Header().Set("Content-Type", codec.ContentType())
-	w.Header().Set("Content-Length", strconv.Itoa(len(out)))
-	w.WriteHeader(http.StatusOK)
-	w.Write(out)
+	return rpcReply{status: http.StatusOK, contentType: codec.ContentType(), md: out, body: b}
 }
 
 // invoke runs the handler chain; a panic becomes an internal error.
@@ -487,39 +521,52 @@ func (s *Server) invoke(ctx context.Context, m *rpcMethod, req *Request) (rsp an
 	return m.handler(ctx, req)
 }
 
-// readBody reads the request body within the size limit, undoing gzip.
-func (s *Server) readBody(w http.ResponseWriter, r *http.Request) ([]byte, error) {
-	limit := s.opts.maxBodySize
-	tooBig := Errorf(CodeResourceExhausted, "request body larger than %d bytes", limit)
-	if r.ContentLength > limit {
-		return nil, tooBig
-	}
-	var rd io.Reader = http.MaxBytesReader(w, r.Body, limit)
-	switch enc := r.Header.Get("Content-Encoding"); enc {
+func rpcTooBig(limit int64) *Error {
+	return Errorf(CodeResourceExhausted, "request body larger than %d bytes", limit)
+}
+
+// rpcDecodeBody undoes the request's Content-Encoding, within the limit.
+func rpcDecodeBody(raw []byte, encoding string, limit int64) ([]byte, error) {
+	switch encoding {
 	case "", "identity":
+		return raw, nil
 	case "gzip":
-		zr, err := gzip.NewReader(rd)
-		if err != nil {
-			return nil, Errorf(CodeInvalidArgument, "malformed gzip body: %v", err)
-		}
-		defer zr.Close()
-		rd = io.LimitReader(zr, limit+1)
 	default:
-		return nil, Errorf(CodeUnimplemented, "unsupported Content-Encoding %q; use gzip or none", enc)
+		return nil, Errorf(CodeUnimplemented, "unsupported Content-Encoding %q; use gzip or none", encoding)
 	}
+	zr, err := gzip.NewReader(bytes.NewReader(raw))
+	if err != nil {
+		return nil, Errorf(CodeInvalidArgument, "malformed gzip body: %v", err)
+	}
+	defer zr.Close()
 	var buf bytes.Buffer
-	if r.ContentLength > 0 {
-		buf.Grow(int(r.ContentLength))
-	}
-	_, err := buf.ReadFrom(rd)
-	var maxErr *http.MaxBytesError
+	_, err = buf.ReadFrom(io.LimitReader(zr, limit+1))
 	switch {
-	case errors.As(err, &maxErr) || int64(buf.Len()) > limit:
-		return nil, tooBig
+	case int64(buf.Len()) > limit:
+		return nil, rpcTooBig(limit)
 	case err != nil:
-		return nil, Errorf(CodeInvalidArgument, "reading the request body: %v", err)
+		return nil, Errorf(CodeInvalidArgument, "malformed gzip body: %v", err)
 	}
 	return buf.Bytes(), nil
+}
+
+// rpcMergeMD returns a and b together (b wins), allocating only when both
+// have entries.
+func rpcMergeMD(a, b MD) MD {
+	if len(a) == 0 {
+		return b
+	}
+	if len(b) == 0 {
+		return a
+	}
+	m := make(MD, len(a)+len(b))
+	for k, v := range a {
+		m[k] = v
+	}
+	for k, v := range b {
+		m[k] = v
+	}
+	return m
 }
 
 // rpcReservedHeaders are protocol headers, not call metadata.
@@ -543,10 +590,9 @@ func rpcIncomingMetadata(h http.Header) MD {
 
 // rpcWireError is the Connect error body.
 type rpcWireError struct {
-	Code    string            `json:"code"`
-	Message string            `json:"message,omitempty"`
-	Details []rpcWireDetail   `json:"details,omitempty"`
-	Meta    map[string]string `json:"-"`
+	Code    string          `json:"code"`
+	Message string          `json:"message,omitempty"`
+	Details []rpcWireDetail `json:"details,omitempty"`
 }
 
 type rpcWireDetail struct {
@@ -554,13 +600,9 @@ type rpcWireDetail struct {
 	Value string `json:"value"` // base64, unpadded
 }
 
-func rpcWriteError(w http.ResponseWriter, err error) {
-	rpcWriteErrorStatus(w, 0, err)
-}
-
-// rpcWriteErrorStatus writes err as a Connect error, with status or, if 0,
-// the code's status.
-func rpcWriteErrorStatus(w http.ResponseWriter, status int, err error) {
+// rpcErrorReply encodes err as a Connect error, with status or, if 0, the
+// code's status.
+func rpcErrorReply(status int, err error) rpcReply {
 	e := AsError(err)
 	if status == 0 {
 		status = e.code().HTTPStatus()
@@ -569,14 +611,20 @@ func rpcWriteErrorStatus(w http.ResponseWriter, status int, err error) {
 	for _, d := range e.Details {
 		body.Details = append(body.Details, rpcWireDetail{Type: d.Type, Value: base64.RawStdEncoding.EncodeToString(d.Value)})
 	}
-	for k, v := range e.Meta {
-		w.Header().Set(k, v)
-	}
 	out, _ := json.Marshal(body)
-	w.Header().Set("Content-Type", ContentTypeJSON)
-	w.Header().Set("Content-Length", strconv.Itoa(len(out)))
-	w.WriteHeader(status)
-	w.Write(out)
+	return rpcReply{status: status, contentType: ContentTypeJSON, md: e.Meta, body: out}
+}
+
+// rpcWriteReply writes a reply through net/http.
+func rpcWriteReply(w http.ResponseWriter, rep rpcReply) {
+	h := w.Header()
+	for k, v := range rep.md {
+		h.Set(k, v)
+	}
+	h.Set("Content-Type", rep.contentType)
+	h.Set("Content-Length", strconv.Itoa(len(rep.body)))
+	w.WriteHeader(rep.status)
+	w.Write(rep.body)
 }
 
 // rpcReadError turns an error response into an *Error: the Connect body if it
