@@ -18,7 +18,8 @@ import (
 // Its first line on out is the bound address. Then it answers each line read
 // from in:
 //
-//	stats                  stats mallocs=N bytes=N gcs=N (runtime.MemStats Mallocs, TotalAlloc, NumGC)
+//	stats                  stats mallocs=N bytes=N gcs=N cpu=NS (runtime.MemStats Mallocs, TotalAlloc,
+//	                       NumGC; user+system CPU time in ns)
 //	cpuprofile-start PATH  ok, once a CPU profile of this process is being written to PATH
 //	cpuprofile-stop        ok, once the profile is written and closed
 //	quit                   stops
@@ -84,7 +85,7 @@ func serveCommand(line string, prof **os.File) string {
 	case "stats":
 		var ms runtime.MemStats
 		runtime.ReadMemStats(&ms)
-		return fmt.Sprintf("stats mallocs=%d bytes=%d gcs=%d", ms.Mallocs, ms.TotalAlloc, ms.NumGC)
+		return fmt.Sprintf("stats mallocs=%d bytes=%d gcs=%d cpu=%d", ms.Mallocs, ms.TotalAlloc, ms.NumGC, cpuTime())
 	case "cpuprofile-start":
 		if *prof != nil {
 			return "error a CPU profile is running already"
