@@ -79,7 +79,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"net/http"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -403,22 +402,17 @@ func (s *Service) start() error {
 	if err != nil {
 		return fmt.Errorf("micro: listen on %s: %w", s.opts.address, err)
 	}
-	hs, err := s.server.httpServer()
-	if errors.Is(err, ErrClosed) { // started again after Stop
+	if s.server.isClosed() { // started again after Stop
 		s.server = s.server.restart()
-		hs, err = s.server.httpServer()
-	}
-	if err != nil {
-		ln.Close()
-		return err
 	}
 	s.ln = ln
+	srv := s.server
 	s.serveErr = make(chan error, 1)
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
-		err := hs.Serve(ln)
-		if errors.Is(err, http.ErrServerClosed) {
+		err := srv.Serve(ln)
+		if errors.Is(err, ErrClosed) { // stopped before it began
 			err = nil
 		}
 		s.serveErr <- err
@@ -615,7 +609,8 @@ func (s *Service) Run() error {
 func (s *Server) restart() *Server {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
-	n := &Server{opts: s.opts, codecs: s.codecs, methods: s.methods, endpoints: s.endpoints, extra: s.extra}
+	n := NewServer()
+	n.opts, n.codecs, n.methods, n.endpoints, n.extra = s.opts, s.codecs, s.methods, s.endpoints, s.extra
 	return n
 }
 

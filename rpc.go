@@ -1,6 +1,7 @@
 package micro
 
 import (
+	"bufio"
 	"bytes"
 	"compress/gzip"
 	"context"
@@ -140,15 +141,25 @@ type Server struct {
 	methods   map[string]*rpcMethod // by path, "/Greeter/Hello"
 	endpoints []*Endpoint
 	extra     *http.ServeMux // routes added with HandleHTTP
-	hs        *http.Server
-	draining  atomic.Bool
+	hs        *http.Server   // serves what the fast path hands off
+	h1ln      *http1Listener // how it gets those connections
+	hsDone    chan struct{}  // closed when hs.Serve returns
+	listeners map[net.Listener]struct{}
+	conns     map[*http1ServerConn]struct{}
+	connWG    sync.WaitGroup // fast-path connection goroutines
 	closed    bool
+
+	closing    atomic.Bool // Shutdown or Close began
+	draining   atomic.Bool // /health says so
+	baseCtx    context.Context
+	cancelBase context.CancelFunc
 }
 
 type serverOptions struct {
 	name              string
 	maxBodySize       int64
 	readHeaderTimeout time.Duration
+	readTimeout       time.Duration
 	idleTimeout       time.Duration
 	maxHeaderBytes    int
 	wrappers          []HandlerWrapper
@@ -172,12 +183,16 @@ func NewServer(opts ...ServerOption) *Server {
 		opts: serverOptions{
 			maxBodySize:       4 << 20,
 			readHeaderTimeout: 10 * time.Second,
+			readTimeout:       30 * time.Second,
 			idleTimeout:       120 * time.Second,
 			maxHeaderBytes:    64 << 10,
 			logger:            rpcDiscard,
 		},
-		methods: make(map[string]*rpcMethod),
+		methods:   make(map[string]*rpcMethod),
+		listeners: make(map[net.Listener]struct{}),
+		conns:     make(map[*http1ServerConn]struct{}),
 	}
+	s.baseCtx, s.cancelBase = context.WithCancel(context.Background())
 	s.apply(opts)
 	return s
 }
@@ -653,25 +668,71 @@ func rpcReadError(status int, header http.Header, body []byte) *Error {
 	return e
 }
 
-// Serve accepts connections on l and serves them with HTTP/1.1 and
-// cleartext HTTP/2 until Shutdown or Close, when it returns nil. It may be
-// called for several listeners. After Shutdown or Close it closes l and
-// returns ErrClosed.
+// Serve accepts connections on l until Shutdown or Close, when it returns
+// nil. Unary calls over HTTP/1.1 take the fast path (see http1.go); every
+// other request, HTTP/2 included, is served by net/http on the same port.
+// Serve may run for several listeners at once. After Shutdown or Close it
+// closes l and returns ErrClosed.
 func (s *Server) Serve(l net.Listener) error {
-	hs, err := s.httpServer()
-	if err != nil {
+	if _, err := s.httpServer(l.Addr()); err != nil {
 		l.Close()
 		return err
 	}
-	err = hs.Serve(l)
-	if errors.Is(err, http.ErrServerClosed) {
-		return nil
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		l.Close()
+		return ErrClosed
 	}
-	return err
+	s.listeners[l] = struct{}{}
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.listeners, l)
+		s.mu.Unlock()
+	}()
+	var delay time.Duration
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			if s.closing.Load() {
+				return nil
+			}
+			if te, ok := err.(interface{ Temporary() bool }); ok && te.Temporary() {
+				delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+				select {
+				case <-time.After(delay):
+				case <-s.baseCtx.Done():
+				}
+				continue
+			}
+			return err
+		}
+		delay = 0
+		sc := &http1ServerConn{s: s, c: c, br: bufio.NewReaderSize(c, http1HeaderBuffer)}
+		s.mu.Lock()
+		if s.closed {
+			s.mu.Unlock()
+			c.Close()
+			continue
+		}
+		s.conns[sc] = struct{}{}
+		s.connWG.Add(1)
+		s.mu.Unlock()
+		go sc.serve()
+	}
 }
 
-// httpServer returns the http.Server that serves s, made on first use.
-func (s *Server) httpServer() (*http.Server, error) {
+func (s *Server) untrackConn(sc *http1ServerConn) {
+	s.mu.Lock()
+	delete(s.conns, sc)
+	s.mu.Unlock()
+	s.connWG.Done()
+}
+
+// httpServer returns the http.Server that serves what the fast path does
+// not, started on first use.
+func (s *Server) httpServer(addr net.Addr) (*http.Server, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed {
@@ -688,41 +749,104 @@ func (s *Server) httpServer() (*http.Server, error) {
 			MaxHeaderBytes:    s.opts.maxHeaderBytes,
 			Protocols:         protocols,
 			ErrorLog:          slog.NewLogLogger(s.opts.logger.Handler(), slog.LevelDebug),
+			BaseContext:       func(net.Listener) context.Context { return s.baseCtx },
 		}
+		s.h1ln = newHTTP1Listener()
+		s.h1ln.addr = addr
+		s.hsDone = make(chan struct{})
+		hs, ln, done := s.hs, s.h1ln, s.hsDone
+		go func() {
+			defer close(done)
+			hs.Serve(ln)
+		}()
 	}
 	return s.hs, nil
 }
 
+// beginClose marks the server closed and returns what must be stopped.
+func (s *Server) beginClose() (*http.Server, []net.Listener, []*http1ServerConn) {
+	s.draining.Store(true)
+	s.closing.Store(true)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.closed = true
+	var ls []net.Listener
+	for l := range s.listeners {
+		ls = append(ls, l)
+	}
+	var cs []*http1ServerConn
+	for c := range s.conns {
+		cs = append(cs, c)
+	}
+	for _, l := range ls {
+		l.Close()
+	}
+	return s.hs, ls, cs
+}
+
 // Shutdown stops accepting, lets calls in flight finish, and returns when
 // they have or when ctx ends (then it closes the rest and returns ctx's
-// error). /health answers 503 from the start of a shutdown.
+// error). Idle connections close at once. /health answers 503 from the start
+// of a shutdown.
 func (s *Server) Shutdown(ctx context.Context) error {
-	s.draining.Store(true)
-	s.mu.Lock()
-	s.closed = true
-	hs := s.hs
-	s.mu.Unlock()
-	if hs == nil {
-		return nil
+	hs, _, conns := s.beginClose()
+	for _, sc := range conns {
+		if sc.state.CompareAndSwap(http1Idle, http1Closed) {
+			sc.c.Close()
+		}
 	}
-	if err := hs.Shutdown(ctx); err != nil {
+	var err error
+	if hs != nil {
+		if err = hs.Shutdown(ctx); err != nil {
+			hs.Close()
+		}
+	}
+	done := make(chan struct{})
+	go func() {
+		s.connWG.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-ctx.Done():
+		err = ctx.Err()
+		s.mu.Lock()
+		for sc := range s.conns {
+			sc.c.Close()
+		}
+		s.mu.Unlock()
+		<-done
+	}
+	if hs != nil {
+		<-s.hsDone
+	}
+	s.cancelBase()
+	return err
+}
+
+// Close stops the server at once: it cancels the contexts of calls in flight
+// and closes every connection. It waits for the connections' goroutines, not
+// for handlers that ignore their context. It is idempotent.
+func (s *Server) Close() error {
+	s.cancelBase()
+	hs, _, conns := s.beginClose()
+	for _, sc := range conns {
+		sc.c.Close()
+	}
+	if hs != nil {
 		hs.Close()
-		return err
+	}
+	s.connWG.Wait()
+	if hs != nil {
+		<-s.hsDone
 	}
 	return nil
 }
 
-// Close stops the server at once, cutting calls in flight. It is idempotent.
-func (s *Server) Close() error {
-	s.draining.Store(true)
+func (s *Server) isClosed() bool {
 	s.mu.Lock()
-	s.closed = true
-	hs := s.hs
-	s.mu.Unlock()
-	if hs == nil {
-		return nil
-	}
-	return hs.Close()
+	defer s.mu.Unlock()
+	return s.closed
 }
 
 // ServerOption configures a [Server]. Every ServerOption is also a
@@ -748,6 +872,12 @@ func ReadHeaderTimeout(d time.Duration) ServerOption {
 	return rpcOption{server: func(o *serverOptions) { o.readHeaderTimeout = d }}
 }
 
+// ReadTimeout bounds reading a request's body, and writing its reply, on the
+// HTTP/1.1 fast path (default 30s).
+func ReadTimeout(d time.Duration) ServerOption {
+	return rpcOption{server: func(o *serverOptions) { o.readTimeout = d }}
+}
+
 // IdleTimeout closes keep-alive connections idle for d (default 120s).
 func IdleTimeout(d time.Duration) ServerOption {
 	return rpcOption{server: func(o *serverOptions) { o.idleTimeout = d }}
@@ -770,7 +900,8 @@ func serverName(name string) ServerOption {
 type Client struct {
 	opts   clientOptions
 	codecs *codecSet
-	hc     *http.Client
+	hc     *http.Client // with WithTransport; else the fast path h1
+	h1     *http1Client
 	cache  *registryCache
 	budget *balancerRetryBudget
 	call   CallFunc
@@ -837,37 +968,24 @@ func (c *Client) apply(opts []ClientOption) {
 		c.cache = newRegistryCache(c.opts.registry, c.opts.cacheTTL)
 	}
 	c.budget = newBalancerRetryBudget()
-	rt := c.opts.transport
-	if rt == nil {
-		if c.hc != nil {
-			c.hc.CloseIdleConnections()
-		}
-		rt = rpcNewTransport()
+	if c.h1 != nil {
+		c.h1.close()
+		c.h1 = nil
 	}
-	c.hc = &http.Client{Transport: rt, CheckRedirect: func(*http.Request, []*http.Request) error {
-		return http.ErrUseLastResponse
-	}}
+	if c.hc != nil {
+		c.hc.CloseIdleConnections()
+		c.hc = nil
+	}
+	if rt := c.opts.transport; rt != nil {
+		c.hc = &http.Client{Transport: rt, CheckRedirect: func(*http.Request, []*http.Request) error {
+			return http.ErrUseLastResponse
+		}}
+	} else {
+		c.h1 = newHTTP1Client()
+	}
 	c.call = c.callService
 	for i := len(c.opts.wrappers) - 1; i >= 0; i-- {
 		c.call = c.opts.wrappers[i](c.call)
-	}
-}
-
-func rpcNewTransport() *http.Transport {
-	protocols := new(http.Protocols)
-	protocols.SetHTTP1(true)
-	return &http.Transport{
-		Proxy: nil,
-		DialContext: (&net.Dialer{
-			Timeout:   5 * time.Second,
-			KeepAlive: 30 * time.Second,
-		}).DialContext,
-		MaxIdleConns:          1024,
-		MaxIdleConnsPerHost:   256,
-		IdleConnTimeout:       90 * time.Second,
-		ResponseHeaderTimeout: 0, // the call's deadline bounds it
-		DisableCompression:    true,
-		Protocols:             protocols,
 	}
 }
 
@@ -909,10 +1027,14 @@ func (c *Client) callService(ctx context.Context, req *Request, rsp any, opts ..
 	if err != nil {
 		return Errorf(CodeInternal, "micro: encoding the request: %w", err)
 	}
-	if _, ok := ctx.Deadline(); !ok && o.timeout > 0 {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, o.timeout)
-		defer cancel()
+	deadline, ok := ctx.Deadline()
+	if !ok && o.timeout > 0 {
+		deadline = time.Now().Add(o.timeout)
+		if c.h1 == nil { // net/http needs it in the context; the fast path uses it as is
+			var cancel context.CancelFunc
+			ctx, cancel = context.WithDeadline(ctx, deadline)
+			defer cancel()
+		}
 	}
 	nodes, err := c.nodes(ctx, req.Service, &o)
 	if err != nil {
@@ -926,6 +1048,11 @@ func (c *Client) callService(ctx context.Context, req *Request, rsp any, opts ..
 		}
 		for k, v := range o.md {
 			md.Set(k, v)
+		}
+	}
+	for k, v := range md {
+		if rpcReservedHeaders[k] || strings.HasPrefix(k, "Connect-") || !http1ValidHeader(k, v) {
+			return Errorf(CodeInvalidArgument, "micro: metadata %q cannot be sent: reserved, or not a valid header", k)
 		}
 	}
 	c.budget.deposit()
@@ -947,7 +1074,7 @@ func (c *Client) callService(ctx context.Context, req *Request, rsp any, opts ..
 		if err != nil {
 			return Errorf(CodeUnavailable, "micro: service %s: %w", req.Service, err)
 		}
-		err = c.roundTrip(ctx, node.Address, path, codec, body, md, rsp, &o)
+		err = c.attempt(ctx, deadline, node.Address, path, codec, body, md, rsp, &o)
 		if done != nil {
 			done(err)
 		}
@@ -997,8 +1124,23 @@ func (c *Client) nodes(ctx context.Context, service string, o *callOptions) ([]*
 	return nodes, nil
 }
 
-// roundTrip makes one attempt at one node.
-func (c *Client) roundTrip(ctx context.Context, addr, path string, codec Codec, body []byte, md MD, rsp any, o *callOptions) error {
+// attempt makes one attempt at one node: over the HTTP/1.1 fast path, or
+// through the http.RoundTripper given with WithTransport.
+func (c *Client) attempt(ctx context.Context, deadline time.Time, addr, path string, codec Codec, body []byte, md MD, rsp any, o *callOptions) error {
+	if c.h1 == nil {
+		return c.roundTripHTTP(ctx, deadline, addr, path, codec, body, md, rsp, o)
+	}
+	call := http1Call{addr: addr, path: path, codec: codec, body: body, md: md, deadline: deadline}
+	status, header, out, err := c.h1.roundTrip(ctx, &call, c.opts.maxRspSize)
+	if err != nil {
+		return rpcTransportError(ctx, deadline, addr, err)
+	}
+	defer http1PutBuf(out)
+	return c.finish(status, header, *out, codec, rsp, o)
+}
+
+// roundTripHTTP makes an attempt through net/http.
+func (c *Client) roundTripHTTP(ctx context.Context, deadline time.Time, addr, path string, codec Codec, body []byte, md MD, rsp any, o *callOptions) error {
 	hreq, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+addr+path, bytes.NewReader(body))
 	if err != nil {
 		return Errorf(CodeInvalidArgument, "micro: bad address %q: %w", addr, err)
@@ -1008,50 +1150,62 @@ func (c *Client) roundTrip(ctx context.Context, addr, path string, codec Codec, 
 	}
 	hreq.Header.Set("Content-Type", codec.ContentType())
 	hreq.Header.Set("Connect-Protocol-Version", "1")
-	if dl, ok := ctx.Deadline(); ok {
-		ms := max(time.Until(dl).Milliseconds(), 1)
+	if !deadline.IsZero() {
+		ms := max(time.Until(deadline).Milliseconds(), 1)
 		hreq.Header.Set("Connect-Timeout-Ms", strconv.FormatInt(ms, 10))
 	}
 	hrsp, err := c.hc.Do(hreq)
 	if err != nil {
-		return rpcTransportError(ctx, addr, err)
+		return rpcTransportError(ctx, deadline, addr, err)
 	}
 	defer hrsp.Body.Close()
-	if o.rspHeader != nil {
-		*o.rspHeader = rpcIncomingMetadata(hrsp.Header)
-	}
-	if hrsp.StatusCode != http.StatusOK {
-		b, err := io.ReadAll(io.LimitReader(hrsp.Body, 64<<10))
-		if err != nil {
-			return rpcTransportError(ctx, addr, err)
-		}
-		return rpcReadError(hrsp.StatusCode, hrsp.Header, b)
+	if hrsp.ContentLength > c.opts.maxRspSize {
+		return Errorf(CodeResourceExhausted, "micro: response larger than %d bytes", c.opts.maxRspSize)
 	}
 	var buf bytes.Buffer
-	if hrsp.ContentLength > 0 && hrsp.ContentLength <= c.opts.maxRspSize {
+	if hrsp.ContentLength > 0 {
 		buf.Grow(int(hrsp.ContentLength))
 	}
 	n, err := buf.ReadFrom(io.LimitReader(hrsp.Body, c.opts.maxRspSize+1))
 	if err != nil {
-		return rpcTransportError(ctx, addr, err)
+		return rpcTransportError(ctx, deadline, addr, err)
 	}
 	if n > c.opts.maxRspSize {
 		return Errorf(CodeResourceExhausted, "micro: response larger than %d bytes", c.opts.maxRspSize)
 	}
-	if got := codecMediaType(hrsp.Header.Get("Content-Type")); got != codec.ContentType() {
+	return c.finish(hrsp.StatusCode, hrsp.Header, buf.Bytes(), codec, rsp, o)
+}
+
+// finish turns a reply into the call's result: an error from its status and
+// body, or the decoded message.
+func (c *Client) finish(status int, header http.Header, body []byte, codec Codec, rsp any, o *callOptions) error {
+	if o.rspHeader != nil {
+		*o.rspHeader = rpcIncomingMetadata(header)
+	}
+	if status != http.StatusOK {
+		return rpcReadError(status, header, body)
+	}
+	if got := codecMediaType(header.Get("Content-Type")); got != codec.ContentType() {
 		return Errorf(CodeInternal, "micro: response content type %q, want %q", got, codec.ContentType())
 	}
-	if err := codec.Unmarshal(buf.Bytes(), rsp); err != nil {
+	if err := codec.Unmarshal(body, rsp); err != nil {
 		return Errorf(CodeInternal, "micro: decoding the response: %w", err)
 	}
 	return nil
 }
 
 // rpcTransportError reports a failure to reach a node: the context's error if
-// it ended, otherwise CodeUnavailable (so the call is retried elsewhere).
-func rpcTransportError(ctx context.Context, addr string, err error) error {
-	if ctx.Err() != nil {
+// it ended, deadline_exceeded if the call's deadline passed, otherwise
+// CodeUnavailable (so the call is retried elsewhere).
+func rpcTransportError(ctx context.Context, deadline time.Time, addr string, err error) error {
+	var e *Error
+	switch {
+	case errors.As(err, &e):
+		return e
+	case ctx.Err() != nil:
 		return &Error{Code: CodeOf(ctx.Err()), Message: ctx.Err().Error(), cause: err}
+	case !deadline.IsZero() && !time.Now().Before(deadline):
+		return &Error{Code: CodeDeadlineExceeded, Message: "deadline passed calling node " + addr, cause: err}
 	}
 	return &Error{Code: CodeUnavailable, Message: "node " + addr + ": " + err.Error(), cause: err}
 }
@@ -1065,7 +1219,12 @@ func (c *Client) Close() error {
 	if c.cache != nil {
 		c.cache.close()
 	}
-	c.hc.CloseIdleConnections()
+	if c.h1 != nil {
+		c.h1.close()
+	}
+	if c.hc != nil {
+		c.hc.CloseIdleConnections()
+	}
 	return nil
 }
 
@@ -1094,9 +1253,10 @@ func WithBalancer(b Balancer) ClientOption {
 	return rpcOption{client: func(o *clientOptions) { o.balancer = b }}
 }
 
-// WithTransport sets the HTTP transport calls use (default: a tuned
-// *http.Transport of the client's own, keep-alive on, 256 idle connections
-// per node).
+// WithTransport makes calls go through rt, a net/http transport (for TLS,
+// proxies or tracing), instead of the client's own HTTP/1.1 fast path (a pool
+// of keep-alive connections per node, up to 256 idle, replies parsed in the
+// calling goroutine).
 func WithTransport(rt http.RoundTripper) ClientOption {
 	return rpcOption{client: func(o *clientOptions) { o.transport = rt }}
 }

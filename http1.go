@@ -1,0 +1,600 @@
+package micro
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+// The HTTP/1.1 fast path for unary calls.
+//
+// Server: Serve runs its own accept loop. Each connection's goroutine peeks
+// at the next request's header block; a plain POST to a registered endpoint
+// (Content-Length framing, no Transfer-Encoding, Upgrade or unusual Expect,
+// headers within one buffer) is parsed with net/http's http.ReadRequest and
+// served right there, the reply written in one write. Anything else (HTTP/2
+// prior knowledge, h2c upgrades, /health, chunked bodies, huge headers,
+// HTTP/1.0) hands the connection, with every byte it has buffered, to an
+// http.Server on the same port, which keeps it from then on.
+//
+// Client: a pool of keep-alive connections per node; a call writes its
+// request in one write and parses the reply with http.ReadResponse in the
+// calling goroutine, with no goroutine hand-offs. The deadline is the
+// connection's; a cancellation sets a past deadline through
+// context.AfterFunc. A connection that fails or is left mid-reply is closed,
+// never reused.
+
+// http1HeaderBuffer is the most header bytes the fast path reads; a larger
+// header block goes to net/http, which applies MaxHeaderBytes.
+const http1HeaderBuffer = 4096
+
+var (
+	http1Past      = time.Unix(1, 0)
+	http1HeaderEnd = []byte("\r\n\r\n")
+)
+
+// http1BufPool holds buffers for request bodies and replies.
+var http1BufPool = sync.Pool{New: func() any { b := make([]byte, 0, 4096); return &b }}
+
+func http1GetBuf(n int) *[]byte {
+	bp := http1BufPool.Get().(*[]byte)
+	if cap(*bp) < n {
+		*bp = make([]byte, 0, n)
+	}
+	*bp = (*bp)[:0]
+	return bp
+}
+
+func http1PutBuf(bp *[]byte) {
+	if cap(*bp) <= 1<<20 { // huge ones go back to the GC
+		http1BufPool.Put(bp)
+	}
+}
+
+// http1ServerConn is one connection served by the fast path.
+type http1ServerConn struct {
+	s     *Server
+	c     net.Conn
+	br    *bufio.Reader
+	state atomic.Int32 // http1Idle, http1Active or http1Closed
+}
+
+const (
+	http1Idle int32 = iota
+	http1Active
+	http1Closed
+)
+
+// serve runs the connection until it closes or is handed to net/http.
+func (sc *http1ServerConn) serve() {
+	s := sc.s
+	defer s.untrackConn(sc)
+	for {
+		if s.closing.Load() {
+			sc.c.Close()
+			return
+		}
+		if d := s.opts.idleTimeout; d > 0 {
+			sc.c.SetReadDeadline(time.Now().Add(d))
+		} else {
+			sc.c.SetReadDeadline(time.Time{})
+		}
+		if _, err := sc.br.Peek(1); err != nil {
+			sc.c.Close()
+			return
+		}
+		if !sc.state.CompareAndSwap(http1Idle, http1Active) {
+			sc.c.Close() // Shutdown closed it while idle
+			return
+		}
+		if d := s.opts.readHeaderTimeout; d > 0 {
+			sc.c.SetReadDeadline(time.Now().Add(d))
+		}
+		m, expect, err := s.http1Classify(sc.br)
+		if err != nil {
+			sc.c.Close() // slow or broken header: cut off
+			return
+		}
+		if m == nil {
+			sc.handoff()
+			return
+		}
+		if !sc.serveOne(m, expect) || s.closing.Load() {
+			sc.c.Close()
+			return
+		}
+		sc.state.Store(http1Idle)
+	}
+}
+
+// serveOne serves one request on the fast path and reports whether the
+// connection may carry another.
+func (sc *http1ServerConn) serveOne(m *rpcMethod, expect bool) bool {
+	s := sc.s
+	req, err := http.ReadRequest(sc.br)
+	if err != nil {
+		io.WriteString(sc.c, "HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+		return false
+	}
+	limit := s.opts.maxBodySize
+	if req.ContentLength > limit {
+		// The body is not read, so the connection cannot go on.
+		sc.write(rpcErrorReply(0, rpcTooBig(limit)), false)
+		return false
+	}
+	if expect {
+		if _, err := io.WriteString(sc.c, "HTTP/1.1 100 Continue\r\n\r\n"); err != nil {
+			return false
+		}
+	}
+	if d := s.opts.readTimeout; d > 0 {
+		sc.c.SetReadDeadline(time.Now().Add(d))
+	}
+	bp := http1GetBuf(int(req.ContentLength))
+	raw := (*bp)[:req.ContentLength]
+	if _, err := io.ReadFull(sc.br, raw); err != nil {
+		http1PutBuf(bp)
+		return false
+	}
+	rep := s.unary(s.baseCtx, m, req.Header, raw)
+	http1PutBuf(bp)
+	keep := !req.Close
+	return sc.write(rep, keep) && keep
+}
+
+// write sends a reply in one write.
+func (sc *http1ServerConn) write(rep rpcReply, keep bool) bool {
+	bp := http1GetBuf(256 + len(rep.body))
+	b := http1AppendReplyHeader(*bp, rep, keep)
+	var err error
+	if len(rep.body) <= 64<<10 {
+		b = append(b, rep.body...)
+		_, err = sc.c.Write(b)
+	} else { // a large body goes out by writev, uncopied
+		bufs := net.Buffers{b, rep.body}
+		_, err = bufs.WriteTo(sc.c)
+	}
+	*bp = b
+	http1PutBuf(bp)
+	return err == nil
+}
+
+// handoff gives the connection, with the bytes already buffered, to the
+// http.Server that serves everything but fast-path calls.
+func (sc *http1ServerConn) handoff() {
+	s := sc.s
+	buffered, _ := sc.br.Peek(sc.br.Buffered())
+	conn := &http1PrefixConn{Conn: sc.c, prefix: bytes.Clone(buffered)}
+	sc.c.SetDeadline(time.Time{})
+	if !s.h1ln.push(conn) {
+		sc.c.Close()
+	}
+}
+
+// http1Classify reads ahead to the end of the next request's header block and
+// returns the endpoint when the fast path can serve it, or nil to hand the
+// connection to net/http. An error means the header did not arrive.
+func (s *Server) http1Classify(br *bufio.Reader) (m *rpcMethod, expect bool, err error) {
+	var hdr []byte
+	for {
+		b, _ := br.Peek(br.Buffered())
+		if i := bytes.Index(b, http1HeaderEnd); i >= 0 {
+			hdr = b[:i+2]
+			break
+		}
+		if len(b) >= br.Size() {
+			return nil, false, nil // a big header: net/http's limits apply
+		}
+		if _, err := br.Peek(len(b) + 1); err != nil { // wait for more
+			return nil, false, err
+		}
+	}
+	line, rest, _ := bytes.Cut(hdr, []byte("\r\n"))
+	method, line, ok1 := bytes.Cut(line, []byte(" "))
+	target, proto, ok2 := bytes.Cut(line, []byte(" "))
+	if !ok1 || !ok2 || string(method) != http.MethodPost || string(proto) != "HTTP/1.1" {
+		return nil, false, nil
+	}
+	s.mu.RLock()
+	m = s.methods[string(target)]
+	s.mu.RUnlock()
+	if m == nil {
+		return nil, false, nil
+	}
+	lengths := 0
+	for len(rest) > 0 {
+		var l []byte
+		l, rest, _ = bytes.Cut(rest, []byte("\r\n"))
+		if len(l) == 0 || l[0] == ' ' || l[0] == '\t' {
+			return nil, false, nil // obsolete line folding: let net/http judge
+		}
+		name, value, ok := bytes.Cut(l, []byte(":"))
+		if !ok {
+			return nil, false, nil
+		}
+		switch {
+		case http1EqualFold(name, "content-length"):
+			lengths++
+		case http1EqualFold(name, "transfer-encoding"), http1EqualFold(name, "upgrade"):
+			return nil, false, nil
+		case http1EqualFold(name, "expect"):
+			if !http1EqualFold(bytes.TrimSpace(value), "100-continue") || expect {
+				return nil, false, nil
+			}
+			expect = true
+		}
+	}
+	if lengths > 1 {
+		return nil, false, nil
+	}
+	return m, expect, nil
+}
+
+func http1EqualFold(b []byte, lower string) bool {
+	if len(b) != len(lower) {
+		return false
+	}
+	for i := 0; i < len(b); i++ {
+		c := b[i]
+		if 'A' <= c && c <= 'Z' {
+			c += 'a' - 'A'
+		}
+		if c != lower[i] {
+			return false
+		}
+	}
+	return true
+}
+
+// http1AppendReplyHeader appends the status line and headers of a reply.
+func http1AppendReplyHeader(b []byte, rep rpcReply, keep bool) []byte {
+	b = append(b, "HTTP/1.1 "...)
+	b = strconv.AppendInt(b, int64(rep.status), 10)
+	b = append(b, ' ')
+	b = append(b, http.StatusText(rep.status)...)
+	b = append(b, "\r\nContent-Type: "...)
+	b = append(b, rep.contentType...)
+	b = append(b, "\r\nContent-Length: "...)
+	b = strconv.AppendInt(b, int64(len(rep.body)), 10)
+	b = append(b, "\r\nDate: "...)
+	b = append(b, http1Date()...)
+	for k, v := range rep.md {
+		if http1ValidHeader(k, v) {
+			b = append(b, "\r\n"...)
+			b = append(b, k...)
+			b = append(b, ": "...)
+			b = append(b, v...)
+		}
+	}
+	if !keep {
+		b = append(b, "\r\nConnection: close"...)
+	}
+	return append(b, "\r\n\r\n"...)
+}
+
+// http1Date returns the Date header value, formatted once a second.
+func http1Date() string {
+	now := time.Now()
+	sec := now.Unix()
+	if d := http1DateCache.Load(); d != nil && d.sec == sec {
+		return d.text
+	}
+	d := &http1DateValue{sec: sec, text: now.UTC().Format(http.TimeFormat)}
+	http1DateCache.Store(d)
+	return d.text
+}
+
+type http1DateValue struct {
+	sec  int64
+	text string
+}
+
+var http1DateCache atomic.Pointer[http1DateValue]
+
+// http1ValidHeader reports whether k: v can be sent: k a token, v without
+// control characters other than tab. Metadata that is not is never sent, so
+// it cannot split a message.
+func http1ValidHeader(k, v string) bool {
+	if k == "" {
+		return false
+	}
+	for i := 0; i < len(k); i++ {
+		c := k[i]
+		if c <= ' ' || c >= 0x7f || bytes.IndexByte([]byte("\"(),/:;<=>?@[\\]{}"), c) >= 0 {
+			return false
+		}
+	}
+	for i := 0; i < len(v); i++ {
+		if c := v[i]; (c < ' ' && c != '\t') || c == 0x7f {
+			return false
+		}
+	}
+	return true
+}
+
+// http1PrefixConn replays bytes already read from a connection before
+// reading on.
+type http1PrefixConn struct {
+	net.Conn
+	prefix []byte
+}
+
+func (c *http1PrefixConn) Read(p []byte) (int, error) {
+	if len(c.prefix) > 0 {
+		n := copy(p, c.prefix)
+		c.prefix = c.prefix[n:]
+		return n, nil
+	}
+	return c.Conn.Read(p)
+}
+
+// CloseWrite lets net/http half-close the connection, as it does for a
+// *net.TCPConn.
+func (c *http1PrefixConn) CloseWrite() error {
+	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return nil
+}
+
+// http1Listener feeds handed-off connections to the http.Server.
+type http1Listener struct {
+	addr net.Addr
+	ch   chan net.Conn
+	done chan struct{}
+	once sync.Once
+}
+
+func newHTTP1Listener() *http1Listener {
+	return &http1Listener{ch: make(chan net.Conn), done: make(chan struct{})}
+}
+
+func (l *http1Listener) push(c net.Conn) bool {
+	select {
+	case l.ch <- c:
+		return true
+	case <-l.done:
+		return false
+	}
+}
+
+func (l *http1Listener) Accept() (net.Conn, error) {
+	select {
+	case c := <-l.ch:
+		return c, nil
+	case <-l.done:
+		return nil, net.ErrClosed
+	}
+}
+
+func (l *http1Listener) Close() error {
+	l.once.Do(func() { close(l.done) })
+	return nil
+}
+
+func (l *http1Listener) Addr() net.Addr {
+	if l.addr == nil {
+		return &net.TCPAddr{IP: net.IPv4zero}
+	}
+	return l.addr
+}
+
+// http1Client is a client's pool of keep-alive connections, by node address.
+type http1Client struct {
+	dialer      net.Dialer
+	maxIdle     int           // idle connections kept per node
+	idleTimeout time.Duration // idle connections older than this are closed
+
+	mu     sync.Mutex
+	idle   map[string][]*http1ClientConn
+	closed bool
+}
+
+type http1ClientConn struct {
+	c      net.Conn
+	br     *bufio.Reader
+	addr   string
+	used   time.Time // when it went idle
+	reused bool
+}
+
+func newHTTP1Client() *http1Client {
+	return &http1Client{
+		dialer:      net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second},
+		maxIdle:     256,
+		idleTimeout: 90 * time.Second,
+		idle:        make(map[string][]*http1ClientConn),
+	}
+}
+
+// get returns an idle connection to addr, or dials one (always, if fresh).
+func (p *http1Client) get(ctx context.Context, addr string, deadline time.Time, fresh bool) (*http1ClientConn, error) {
+	if !fresh {
+		now := time.Now()
+		p.mu.Lock()
+		if p.closed {
+			p.mu.Unlock()
+			return nil, ErrClosed
+		}
+		list := p.idle[addr]
+		for len(list) > 0 {
+			cc := list[len(list)-1]
+			list[len(list)-1] = nil
+			list = list[:len(list)-1]
+			if now.Sub(cc.used) < p.idleTimeout {
+				p.idle[addr] = list
+				p.mu.Unlock()
+				cc.reused = true
+				return cc, nil
+			}
+			cc.c.Close() // idle too long: the server may be closing it
+		}
+		p.idle[addr] = list
+		p.mu.Unlock()
+	}
+	d := p.dialer
+	d.Deadline = deadline
+	c, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	return &http1ClientConn{c: c, br: bufio.NewReaderSize(c, 4096), addr: addr}, nil
+}
+
+// put returns a healthy connection, with nothing unread, to the pool.
+func (p *http1Client) put(cc *http1ClientConn) {
+	cc.c.SetDeadline(time.Time{})
+	cc.used = time.Now()
+	p.mu.Lock()
+	if p.closed || len(p.idle[cc.addr]) >= p.maxIdle {
+		p.mu.Unlock()
+		cc.c.Close()
+		return
+	}
+	p.idle[cc.addr] = append(p.idle[cc.addr], cc)
+	p.mu.Unlock()
+}
+
+// close closes the idle connections; those in use close when returned.
+func (p *http1Client) close() {
+	p.mu.Lock()
+	p.closed = true
+	idle := p.idle
+	p.idle = nil
+	p.mu.Unlock()
+	for _, list := range idle {
+		for _, cc := range list {
+			cc.c.Close()
+		}
+	}
+}
+
+// http1Call is one call's request, as the fast path sends it.
+type http1Call struct {
+	addr, path string
+	codec      Codec
+	body       []byte
+	md         MD
+	deadline   time.Time // zero: none
+}
+
+// roundTrip makes one attempt over the pool. A reused connection that turns
+// out dead before any byte of the reply (the server closed it while it was
+// idle) is replaced once by a fresh one; anything else is reported.
+func (p *http1Client) roundTrip(ctx context.Context, call *http1Call, maxRsp int64) (status int, header http.Header, body *[]byte, err error) {
+	for fresh := false; ; fresh = true {
+		cc, err := p.get(ctx, call.addr, call.deadline, fresh)
+		if err != nil {
+			return 0, nil, nil, err
+		}
+		status, header, body, retry, err := p.exchange(ctx, cc, call, maxRsp)
+		if retry && !fresh && ctx.Err() == nil {
+			continue
+		}
+		return status, header, body, err
+	}
+}
+
+func (p *http1Client) exchange(ctx context.Context, cc *http1ClientConn, call *http1Call, maxRsp int64) (status int, header http.Header, body *[]byte, retry bool, err error) {
+	cc.c.SetDeadline(call.deadline)
+	var stop func() bool
+	if ctx.Done() != nil {
+		conn := cc.c
+		stop = context.AfterFunc(ctx, func() { conn.SetDeadline(http1Past) })
+	}
+	fail := func(err error, retry bool) (int, http.Header, *[]byte, bool, error) {
+		if stop != nil {
+			stop()
+		}
+		cc.c.Close()
+		return 0, nil, nil, retry && cc.reused, err
+	}
+
+	bp := http1GetBuf(256 + len(call.body))
+	b := http1AppendRequest(*bp, call)
+	var werr error
+	if len(call.body) <= 64<<10 {
+		b = append(b, call.body...)
+		_, werr = cc.c.Write(b)
+	} else {
+		bufs := net.Buffers{b, call.body}
+		_, werr = bufs.WriteTo(cc.c)
+	}
+	*bp = b
+	http1PutBuf(bp)
+	if werr != nil {
+		return fail(werr, http1Stale(werr))
+	}
+	if _, err := cc.br.Peek(1); err != nil {
+		return fail(err, http1Stale(err))
+	}
+	rsp, err := http.ReadResponse(cc.br, nil)
+	if err != nil {
+		return fail(err, false)
+	}
+	if rsp.ContentLength > maxRsp {
+		rsp.Body.Close()
+		return fail(Errorf(CodeResourceExhausted, "micro: response larger than %d bytes", maxRsp), false)
+	}
+	out := http1GetBuf(int(max(rsp.ContentLength, 0)))
+	buf := bytes.NewBuffer(*out)
+	n, err := buf.ReadFrom(io.LimitReader(rsp.Body, maxRsp+1))
+	*out = buf.Bytes()
+	if err == nil && n > maxRsp {
+		err = Errorf(CodeResourceExhausted, "micro: response larger than %d bytes", maxRsp)
+	}
+	if err != nil {
+		http1PutBuf(out)
+		return fail(err, false)
+	}
+	if stop != nil && !stop() {
+		// The cancellation fired: the connection's deadline is spoiled.
+		http1PutBuf(out)
+		cc.c.Close()
+		return 0, nil, nil, false, ctx.Err()
+	}
+	if rsp.Close {
+		cc.c.Close()
+	} else {
+		p.put(cc)
+	}
+	return rsp.StatusCode, rsp.Header, out, false, nil
+}
+
+// http1Stale reports whether an error on a reused connection means the server
+// had closed it before our request: the request was not served.
+func http1Stale(err error) bool {
+	return errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)
+}
+
+// http1AppendRequest appends a call's request line and headers.
+func http1AppendRequest(b []byte, call *http1Call) []byte {
+	b = append(b, "POST "...)
+	b = append(b, call.path...)
+	b = append(b, " HTTP/1.1\r\nHost: "...)
+	b = append(b, call.addr...)
+	b = append(b, "\r\nContent-Type: "...)
+	b = append(b, call.codec.ContentType()...)
+	b = append(b, "\r\nConnect-Protocol-Version: 1\r\nContent-Length: "...)
+	b = strconv.AppendInt(b, int64(len(call.body)), 10)
+	if !call.deadline.IsZero() {
+		b = append(b, "\r\nConnect-Timeout-Ms: "...)
+		b = strconv.AppendInt(b, max(time.Until(call.deadline).Milliseconds(), 1), 10)
+	}
+	for k, v := range call.md {
+		b = append(b, "\r\n"...)
+		b = append(b, k...)
+		b = append(b, ": "...)
+		b = append(b, v...)
+	}
+	return append(b, "\r\n\r\n"...)
+}
