@@ -96,8 +96,9 @@ func (ProtoCodec) Unmarshal(data []byte, v any) error {
 
 // GobCodec encodes with encoding/gob, each message self-describing. Gob is for
 // Go peers that trust each other: encoding/gob is not hardened against hostile
-// input, so the codec turns a decoder panic into an error, and the server's
-// body limit bounds the memory a message can take.
+// input. So a server accepts gob only when given WithCodec(GobCodec{});
+// clients always can send it. The codec turns a decoder panic into an error,
+// and the server's body limit bounds a message's size.
 type GobCodec struct{}
 
 // ContentType returns "application/gob".
@@ -199,6 +200,7 @@ var codecBuiltin = map[string]Codec{
 // *codecSet holds just the built-in codecs.
 type codecSet struct {
 	byType map[string]Codec
+	server bool // decodes what strangers send: gob only if added
 }
 
 func (s *codecSet) add(c Codec) {
@@ -216,6 +218,9 @@ func (s *codecSet) get(contentType string) Codec {
 		if c, ok := s.byType[ct]; ok {
 			return c
 		}
+		if s.server && ct == ContentTypeGob {
+			return nil
+		}
 	}
 	return codecBuiltin[ct]
 }
@@ -231,7 +236,9 @@ func (s *codecSet) names() string {
 		}
 	}
 	for _, ct := range []string{ContentTypeJSON, ContentTypeProto, ContentTypeGob, ContentTypeBytes, ContentTypeText} {
-		add(ct)
+		if s.get(ct) != nil {
+			add(ct)
+		}
 	}
 	if s != nil {
 		for ct := range s.byType {

@@ -159,6 +159,7 @@ type Error struct {
 	Meta MD
 
 	cause error // kept on this side of the wire only
+	retry bool  // the call was not served: another node may take it
 }
 
 // ErrorDetail is one typed payload of an [Error]: Type names the message type
@@ -178,22 +179,36 @@ func NewError(code Code, message string) *Error {
 // and only the text crosses it.
 func Errorf(code Code, format string, args ...any) *Error {
 	err := fmt.Errorf(format, args...)
-	return &Error{Code: code, Message: err.Error(), cause: errors.Unwrap(err)}
+	e := &Error{Code: code, Message: err.Error()}
+	switch err.(type) {
+	case interface{ Unwrap() error }, interface{ Unwrap() []error }: // one %w or several
+		e.cause = err
+	}
+	return e
 }
 
 // Error returns "code: message".
 func (e *Error) Error() string {
+	if e == nil {
+		return "<nil *micro.Error>"
+	}
 	if e.Message == "" {
 		return e.code().String()
 	}
 	return e.code().String() + ": " + e.Message
 }
 
-// Unwrap returns the error wrapped with %w by [Errorf], if any.
-func (e *Error) Unwrap() error { return e.cause }
+// Unwrap returns what [Errorf] wrapped with %w, if anything.
+func (e *Error) Unwrap() error {
+	if e == nil {
+		return nil
+	}
+	return e.cause
+}
 
+// code returns the code, reading zero (and a nil *Error) as CodeUnknown.
 func (e *Error) code() Code {
-	if e.Code == 0 {
+	if e == nil || e.Code == 0 {
 		return CodeUnknown
 	}
 	return e.Code
@@ -227,6 +242,9 @@ func AsError(err error) *Error {
 	}
 	var e *Error
 	if errors.As(err, &e) {
+		if e == nil { // a typed nil returned as an error
+			return &Error{Code: CodeUnknown, Message: "nil *micro.Error returned as an error"}
+		}
 		return e
 	}
 	return &Error{Code: CodeOf(err), Message: err.Error(), cause: err}

@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -139,13 +140,16 @@ func (sc *http1ServerConn) serveOne(m *rpcMethod, expect bool) bool {
 	if d := s.opts.readTimeout; d > 0 {
 		sc.c.SetReadDeadline(time.Now().Add(d))
 	}
-	bp := http1GetBuf(int(req.ContentLength))
-	raw := (*bp)[:req.ContentLength]
-	if _, err := io.ReadFull(sc.br, raw); err != nil {
+	// The buffer grows as the body arrives, not as the header claims.
+	bp := http1GetBuf(int(min(req.ContentLength, 64<<10)))
+	buf := bytes.NewBuffer(*bp)
+	n, err := buf.ReadFrom(io.LimitReader(sc.br, req.ContentLength))
+	*bp = buf.Bytes()
+	if err != nil || n != req.ContentLength {
 		http1PutBuf(bp)
 		return false
 	}
-	rep := s.unary(s.baseCtx, m, req.Header, raw)
+	rep := s.unary(s.baseCtx, m, req.Header, *bp)
 	http1PutBuf(bp)
 	keep := !req.Close
 	return sc.write(rep, keep) && keep
@@ -153,7 +157,10 @@ func (sc *http1ServerConn) serveOne(m *rpcMethod, expect bool) bool {
 
 // write sends a reply in one write.
 func (sc *http1ServerConn) write(rep rpcReply, keep bool) bool {
-	bp := http1GetBuf(256 + len(rep.body))
+	if d := sc.s.opts.readTimeout; d > 0 {
+		sc.c.SetWriteDeadline(time.Now().Add(d))
+	}
+	bp := http1GetBuf(256 + min(len(rep.body), 64<<10))
 	b := http1AppendReplyHeader(*bp, rep, keep)
 	var err error
 	if len(rep.body) <= 64<<10 {
@@ -268,7 +275,7 @@ func http1AppendReplyHeader(b []byte, rep rpcReply, keep bool) []byte {
 	b = append(b, "\r\nDate: "...)
 	b = append(b, http1Date()...)
 	for k, v := range rep.md {
-		if http1ValidHeader(k, v) {
+		if rpcSendable(k, v) {
 			b = append(b, "\r\n"...)
 			b = append(b, k...)
 			b = append(b, ": "...)
@@ -309,7 +316,7 @@ func http1ValidHeader(k, v string) bool {
 	}
 	for i := 0; i < len(k); i++ {
 		c := k[i]
-		if c <= ' ' || c >= 0x7f || bytes.IndexByte([]byte("\"(),/:;<=>?@[\\]{}"), c) >= 0 {
+		if c <= ' ' || c >= 0x7f || strings.IndexByte("\"(),/:;<=>?@[\\]{}", c) >= 0 {
 			return false
 		}
 	}
@@ -396,6 +403,7 @@ type http1Client struct {
 
 	mu     sync.Mutex
 	idle   map[string][]*http1ClientConn
+	swept  time.Time // when idle connections were last checked for age
 	closed bool
 }
 
@@ -450,10 +458,13 @@ func (p *http1Client) get(ctx context.Context, addr string, deadline time.Time, 
 	return &http1ClientConn{c: c, br: bufio.NewReaderSize(c, 4096), addr: addr}, nil
 }
 
-// put returns a healthy connection, with nothing unread, to the pool.
+// put returns a healthy connection, with nothing unread, to the pool. Now and
+// then it also closes connections idle too long, to nodes that may be gone.
 func (p *http1Client) put(cc *http1ClientConn) {
 	cc.c.SetDeadline(time.Time{})
-	cc.used = time.Now()
+	now := time.Now()
+	cc.used = now
+	var stale []*http1ClientConn
 	p.mu.Lock()
 	if p.closed || len(p.idle[cc.addr]) >= p.maxIdle {
 		p.mu.Unlock()
@@ -461,7 +472,29 @@ func (p *http1Client) put(cc *http1ClientConn) {
 		return
 	}
 	p.idle[cc.addr] = append(p.idle[cc.addr], cc)
+	if now.Sub(p.swept) > p.idleTimeout/2 {
+		p.swept = now
+		for addr, list := range p.idle {
+			fresh := list[:0]
+			for _, c := range list {
+				if now.Sub(c.used) < p.idleTimeout {
+					fresh = append(fresh, c)
+				} else {
+					stale = append(stale, c)
+				}
+			}
+			clear(list[len(fresh):])
+			if len(fresh) == 0 {
+				delete(p.idle, addr)
+			} else {
+				p.idle[addr] = fresh
+			}
+		}
+	}
 	p.mu.Unlock()
+	for _, c := range stale {
+		c.c.Close()
+	}
 }
 
 // close closes the idle connections; those in use close when returned.
@@ -489,34 +522,38 @@ type http1Call struct {
 
 // roundTrip makes one attempt over the pool. A reused connection that turns
 // out dead before any byte of the reply (the server closed it while it was
-// idle) is replaced once by a fresh one; anything else is reported.
-func (p *http1Client) roundTrip(ctx context.Context, call *http1Call, maxRsp int64) (status int, header http.Header, body *[]byte, err error) {
+// idle, before reading our request) is replaced once by a fresh one; anything
+// else is reported. Sent says the request may have reached the server.
+func (p *http1Client) roundTrip(ctx context.Context, call *http1Call, maxRsp int64) (status int, header http.Header, body *[]byte, sent bool, err error) {
 	for fresh := false; ; fresh = true {
 		cc, err := p.get(ctx, call.addr, call.deadline, fresh)
 		if err != nil {
-			return 0, nil, nil, err
+			return 0, nil, nil, false, err
 		}
-		status, header, body, retry, err := p.exchange(ctx, cc, call, maxRsp)
+		status, header, body, retry, sent, err := p.exchange(ctx, cc, call, maxRsp)
 		if retry && !fresh && ctx.Err() == nil {
 			continue
 		}
-		return status, header, body, err
+		return status, header, body, sent, err
 	}
 }
 
-func (p *http1Client) exchange(ctx context.Context, cc *http1ClientConn, call *http1Call, maxRsp int64) (status int, header http.Header, body *[]byte, retry bool, err error) {
+// exchange sends the request on cc and reads the reply. Retry says cc was a
+// reused connection found dead before it answered; sent says the whole
+// request was written, so the server may have served it.
+func (p *http1Client) exchange(ctx context.Context, cc *http1ClientConn, call *http1Call, maxRsp int64) (status int, header http.Header, body *[]byte, retry, sent bool, err error) {
 	cc.c.SetDeadline(call.deadline)
 	var stop func() bool
 	if ctx.Done() != nil {
 		conn := cc.c
 		stop = context.AfterFunc(ctx, func() { conn.SetDeadline(http1Past) })
 	}
-	fail := func(err error, retry bool) (int, http.Header, *[]byte, bool, error) {
+	fail := func(err error, retry bool) (int, http.Header, *[]byte, bool, bool, error) {
 		if stop != nil {
 			stop()
 		}
 		cc.c.Close()
-		return 0, nil, nil, retry && cc.reused, err
+		return 0, nil, nil, retry && cc.reused, sent, err
 	}
 
 	bp := http1GetBuf(256 + len(call.body))
@@ -534,10 +571,17 @@ func (p *http1Client) exchange(ctx context.Context, cc *http1ClientConn, call *h
 	if werr != nil {
 		return fail(werr, http1Stale(werr))
 	}
+	sent = true
 	if _, err := cc.br.Peek(1); err != nil {
 		return fail(err, http1Stale(err))
 	}
 	rsp, err := http.ReadResponse(cc.br, nil)
+	for err == nil && rsp.StatusCode >= 100 && rsp.StatusCode < 200 { // 1xx: informational, the reply follows
+		if rsp.StatusCode == http.StatusSwitchingProtocols {
+			return fail(errors.New("micro: server switched protocols"), false)
+		}
+		rsp, err = http.ReadResponse(cc.br, nil)
+	}
 	if err != nil {
 		return fail(err, false)
 	}
@@ -545,7 +589,7 @@ func (p *http1Client) exchange(ctx context.Context, cc *http1ClientConn, call *h
 		rsp.Body.Close()
 		return fail(Errorf(CodeResourceExhausted, "micro: response larger than %d bytes", maxRsp), false)
 	}
-	out := http1GetBuf(int(max(rsp.ContentLength, 0)))
+	out := http1GetBuf(int(min(max(rsp.ContentLength, 0), 64<<10)))
 	buf := bytes.NewBuffer(*out)
 	n, err := buf.ReadFrom(io.LimitReader(rsp.Body, maxRsp+1))
 	*out = buf.Bytes()
@@ -560,14 +604,14 @@ func (p *http1Client) exchange(ctx context.Context, cc *http1ClientConn, call *h
 		// The cancellation fired: the connection's deadline is spoiled.
 		http1PutBuf(out)
 		cc.c.Close()
-		return 0, nil, nil, false, ctx.Err()
+		return 0, nil, nil, false, true, ctx.Err()
 	}
-	if rsp.Close {
+	if rsp.Close || cc.br.Buffered() > 0 { // bytes past the reply: out of step, never reuse
 		cc.c.Close()
 	} else {
 		p.put(cc)
 	}
-	return rsp.StatusCode, rsp.Header, out, false, nil
+	return rsp.StatusCode, rsp.Header, out, false, true, nil
 }
 
 // http1Stale reports whether an error on a reused connection means the server
@@ -588,7 +632,7 @@ func http1AppendRequest(b []byte, call *http1Call) []byte {
 	b = strconv.AppendInt(b, int64(len(call.body)), 10)
 	if !call.deadline.IsZero() {
 		b = append(b, "\r\nConnect-Timeout-Ms: "...)
-		b = strconv.AppendInt(b, max(time.Until(call.deadline).Milliseconds(), 1), 10)
+		b = strconv.AppendInt(b, min(max(time.Until(call.deadline).Milliseconds(), 1), 9_999_999_999), 10)
 	}
 	for k, v := range call.md {
 		b = append(b, "\r\n"...)

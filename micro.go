@@ -78,6 +78,7 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"os"
 	"os/signal"
@@ -100,13 +101,15 @@ type Service struct {
 	server   *Server
 	client   *Client
 	registry Registry
-	ownsReg  bool // the registry was made here and is closed by Stop
+	ownsReg  bool // the registry was made here and is closed by Close
 	ln       net.Listener
 	info     *ServiceInfo // as registered
 	running  bool
+	closed   bool          // by Close: no more Start
 	stopped  chan struct{} // closed by Stop, ends Run
 	cancel   context.CancelFunc
-	wg       sync.WaitGroup
+	wg       sync.WaitGroup // the serve goroutine
+	regWG    sync.WaitGroup // the register loop
 	serveErr chan error
 }
 
@@ -193,6 +196,8 @@ func (s *Service) setRegistry() {
 // before. Call it before Start. -h returns an error wrapping flag.ErrHelp
 // whose text is the usage.
 func (s *Service) Init(opts ...ServiceOption) error {
+	s.life.Lock() // not while a Stop drains
+	defer s.life.Unlock()
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.running {
@@ -210,8 +215,8 @@ func (s *Service) Init(opts ...ServiceOption) error {
 		fs = flag.NewFlagSet(o.name, flag.ContinueOnError)
 		fs.SetOutput(new(strings.Builder))
 	}
-	metadata := &serviceMetaFlag{m: o.metadata}
-	if fs.Lookup("register_ttl") == nil { // Init may run twice on one FlagSet
+	metadata := &serviceMetaFlag{m: maps.Clone(o.metadata)} // never the caller's map
+	if fs.Lookup("register_ttl") == nil {                   // Init may run twice on one FlagSet
 		fs.StringVar(&o.name, "name", o.name, "service name")
 		fs.StringVar(&o.version, "version", o.version, "service version")
 		fs.StringVar(&o.address, "address", o.address, "address to listen on (host:port)")
@@ -394,17 +399,16 @@ func (s *Service) Start() error {
 // start listens, serves and registers; the caller holds s.life.
 func (s *Service) start() error {
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.client.closed.Load() { // started again after Stop
-		s.client = NewClient(append(s.opts.clientOpts, WithRegistry(s.registry))...)
+	if s.closed {
+		s.mu.Unlock()
+		return ErrClosed
 	}
 	ln, err := net.Listen("tcp", s.opts.address)
 	if err != nil {
+		s.mu.Unlock()
 		return fmt.Errorf("micro: listen on %s: %w", s.opts.address, err)
 	}
-	if s.server.isClosed() { // started again after Stop
-		s.server = s.server.restart()
-	}
+	s.server.reopen() // if started again after Stop
 	s.ln = ln
 	srv := s.server
 	s.serveErr = make(chan error, 1)
@@ -427,32 +431,34 @@ func (s *Service) start() error {
 	s.info = &ServiceInfo{
 		Name:      s.opts.name,
 		Version:   s.opts.version,
-		Metadata:  s.opts.metadata,
+		Metadata:  maps.Clone(s.opts.metadata),
 		Endpoints: s.server.Endpoints(),
-		Nodes:     []*Node{{ID: s.opts.name + "-" + hex.EncodeToString(id), Address: addr, Metadata: s.opts.metadata}},
+		Nodes:     []*Node{{ID: s.opts.name + "-" + hex.EncodeToString(id), Address: addr, Metadata: maps.Clone(s.opts.metadata)}},
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	s.cancel = cancel
 	s.stopped = make(chan struct{})
 	s.running = true
+	reg, info, ttl, logger := s.registry, s.info.Clone(), s.opts.registerTTL, s.opts.logger
+	s.mu.Unlock()
 
-	// Register once now, so the service can be found when Start returns;
-	// the loop retries a failure and refreshes the TTL.
+	// Register once now, outside the lock, so the service can be found when
+	// Start returns; the loop retries a failure and refreshes the TTL.
 	rctx, rcancel := context.WithTimeout(ctx, 5*time.Second)
-	err = s.registry.Register(rctx, s.info, s.opts.registerTTL)
+	err = reg.Register(rctx, info, ttl)
 	rcancel()
 	if err != nil {
-		s.opts.logger.Warn("micro: register failed; retrying", "service", s.opts.name, "err", err)
+		logger.Warn("micro: register failed; retrying", "service", info.Name, "err", err)
 	}
-	s.wg.Add(1)
-	go s.registerLoop(ctx, s.registry, s.info.Clone(), err == nil)
+	s.regWG.Add(1)
+	go s.registerLoop(ctx, reg, info, err == nil)
 	return nil
 }
 
 // registerLoop refreshes the registration every interval, and retries a
 // failed one with back-off (from 100ms to the interval).
 func (s *Service) registerLoop(ctx context.Context, reg Registry, info *ServiceInfo, ok bool) {
-	defer s.wg.Done()
+	defer s.regWG.Done()
 	interval := s.opts.registerInterval
 	if interval <= 0 {
 		interval = 30 * time.Second
@@ -504,9 +510,10 @@ func serviceAdvertise(a *net.TCPAddr) string {
 	return net.JoinHostPort("127.0.0.1", port)
 }
 
-// Stop runs the before-stop hooks, deregisters, stops accepting calls, lets
-// those in flight finish within the grace period (then cuts them), closes the
-// client, and runs the after-stop hooks. It is idempotent and ends Run.
+// Stop runs the before-stop hooks, deregisters (while /health answers
+// 503), stops accepting calls, lets those in flight finish within the grace
+// period (then cuts them), and runs the after-stop hooks. The client stays
+// usable, and Start may run again. It is idempotent and ends Run.
 func (s *Service) Stop() error {
 	s.life.Lock()
 	defer s.life.Unlock()
@@ -534,10 +541,12 @@ func (s *Service) stop() error {
 	s.mu.Lock()
 	s.running = false
 	s.cancel() // ends the register loop
-	reg, info, server, client, grace := s.registry, s.info, s.server, s.client, s.opts.gracePeriod
+	reg, info, server, grace := s.registry, s.info, s.server, s.opts.gracePeriod
 	s.mu.Unlock()
+	s.regWG.Wait() // so no refresh can land after the deregistration
 
 	var errs []error
+	server.draining.Store(true)
 	dctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	if err := reg.Deregister(dctx, info); err != nil {
 		errs = append(errs, fmt.Errorf("micro: deregister: %w", err))
@@ -552,7 +561,6 @@ func (s *Service) stop() error {
 	if err := <-s.serveErr; err != nil {
 		errs = append(errs, err)
 	}
-	client.Close()
 	s.mu.Lock()
 	s.ln = nil
 	close(s.stopped)
@@ -560,17 +568,24 @@ func (s *Service) stop() error {
 	return errors.Join(errs...)
 }
 
-// Close stops the service if it runs and releases its client and, if it made
-// it, its registry. It is idempotent.
+// Close stops the service if it runs, then releases its client and, if it
+// made it, its registry. A closed service does not start again. It is
+// idempotent.
 func (s *Service) Close() error {
 	err := s.Stop()
+	s.life.Lock()
+	defer s.life.Unlock()
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.client.Close()
-	if s.ownsReg {
-		if c, ok := s.registry.(interface{ Close() error }); ok {
-			c.Close()
-		}
+	if s.closed {
+		s.mu.Unlock()
+		return err
+	}
+	s.closed = true
+	client, reg, owns := s.client, s.registry, s.ownsReg
+	s.mu.Unlock()
+	client.Close()
+	if c, ok := reg.(interface{ Close() error }); ok && owns {
+		c.Close()
 	}
 	return err
 }
@@ -602,16 +617,6 @@ func (s *Service) Run() error {
 	case <-stopped:
 	}
 	return s.Close()
-}
-
-// restart returns a fresh server with the same options and handlers, for a
-// service started again after Stop.
-func (s *Server) restart() *Server {
-	s.mu.RLock()
-	defer s.mu.RUnlock()
-	n := NewServer()
-	n.opts, n.codecs, n.methods, n.endpoints, n.extra = s.opts, s.codecs, s.methods, s.endpoints, s.extra
-	return n
 }
 
 // Name sets the service's name (default: the program's file name).

@@ -73,6 +73,9 @@ func SetHeader(ctx context.Context, key, value string) error {
 	if !ok {
 		return errors.New("micro: SetHeader called outside a handler")
 	}
+	if !rpcSendable(textproto.CanonicalMIMEHeaderKey(key), value) {
+		return fmt.Errorf("micro: SetHeader: %q cannot be sent: a protocol header, or not a valid header", key)
+	}
 	c.mu.Lock()
 	if c.out == nil {
 		c.out = MD{}
@@ -201,10 +204,15 @@ func (s *Server) apply(opts []ServerOption) {
 	for _, o := range opts {
 		o.applyServer(&s.opts)
 	}
-	s.codecs = &codecSet{}
+	s.codecs = &codecSet{server: true}
 	for _, c := range s.opts.codecs {
 		s.codecs.add(c)
 	}
+	s.mu.Lock()
+	for _, m := range s.methods { // wrappers given later apply to every handler
+		m.wrap(s.opts.wrappers)
+	}
+	s.mu.Unlock()
 }
 
 // HandlerOption configures one [RegisterHandler] call.
@@ -259,8 +267,8 @@ func RegisterHandler(s *Server, h any, opts ...HandlerOption) error {
 			return fmt.Errorf("micro: RegisterHandler: %s has no type name; pass HandlerName(\"Name\")", t)
 		}
 	}
-	if strings.ContainsAny(name, "/ ") {
-		return fmt.Errorf("micro: RegisterHandler: handler name %q may not hold '/' or spaces", name)
+	if rpcPath(name+".M") == "" {
+		return fmt.Errorf("micro: RegisterHandler: handler name %q: use ASCII letters, digits, '_' and dots", name)
 	}
 	var methods []*rpcMethod
 	var problems []string
@@ -271,6 +279,10 @@ func RegisterHandler(s *Server, h any, opts ...HandlerOption) error {
 		}
 		mt := m.Type // receiver first
 		if mt.NumIn() < 2 || mt.In(1) != rpcContextType {
+			continue
+		}
+		if rpcPath(name+"."+m.Name) == "" {
+			problems = append(problems, fmt.Sprintf("method %s: use an ASCII name", m.Name))
 			continue
 		}
 		rm, err := rpcNewMethod(name+"."+m.Name, v, m)
@@ -299,10 +311,7 @@ func RegisterHandler(s *Server, h any, opts ...HandlerOption) error {
 		}
 	}
 	for _, m := range methods {
-		m.handler = m.call
-		for i := len(s.opts.wrappers) - 1; i >= 0; i-- {
-			m.handler = s.opts.wrappers[i](m.handler)
-		}
+		m.wrap(s.opts.wrappers)
 		s.methods[rpcPath(m.name)] = m
 		e := &Endpoint{Name: m.name, Request: m.reqType.String(), Metadata: o.meta}
 		if m.rspType != nil {
@@ -337,17 +346,15 @@ func rpcNewMethod(name string, recv reflect.Value, m reflect.Method) (*rpcMethod
 	default:
 		return nil, fmt.Errorf("method %s has type %s; %s", m.Name, mt, want)
 	}
-	if !rpcExportedOrBuiltin(rm.reqType) {
-		return nil, fmt.Errorf("method %s: request type %s is not exported", m.Name, rm.reqType)
-	}
 	return rm, nil
 }
 
-func rpcExportedOrBuiltin(t reflect.Type) bool {
-	for t.Kind() == reflect.Pointer {
-		t = t.Elem()
+// wrap puts the handler behind the server's wrappers, the first outermost.
+func (m *rpcMethod) wrap(wrappers []HandlerWrapper) {
+	m.handler = m.call
+	for i := len(wrappers) - 1; i >= 0; i-- {
+		m.handler = wrappers[i](m.handler)
 	}
-	return t.PkgPath() == "" || (t.Name() != "" && t.Name()[0] >= 'A' && t.Name()[0] <= 'Z')
 }
 
 // call invokes the method on a decoded request.
@@ -368,8 +375,14 @@ func (m *rpcMethod) call(ctx context.Context, req *Request) (any, error) {
 	return out[0].Interface(), nil
 }
 
-// rpcPath maps "pkg.Greeter.Hello" to "/pkg.Greeter/Hello".
+// rpcPath maps "pkg.Greeter.Hello" to "/pkg.Greeter/Hello", or returns ""
+// for a name that is not letters, digits, '_' and dots.
 func rpcPath(endpoint string) string {
+	for i := 0; i < len(endpoint); i++ {
+		if c := endpoint[i]; !(c == '.' || c == '_' || '0' <= c && c <= '9' || 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z') {
+			return ""
+		}
+	}
 	i := strings.LastIndexByte(endpoint, '.')
 	if i <= 0 || i == len(endpoint)-1 {
 		return ""
@@ -432,9 +445,14 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		rpcWriteReply(w, rpcErrorReply(0, rpcTooBig(limit)))
 		return
 	}
+	if d := s.opts.readTimeout; d > 0 { // per request, so streams on this server are unaffected
+		rc := http.NewResponseController(w)
+		rc.SetReadDeadline(time.Now().Add(d))
+		rc.SetWriteDeadline(time.Now().Add(d))
+	}
 	var buf bytes.Buffer
-	if r.ContentLength > 0 {
-		buf.Grow(int(r.ContentLength))
+	if r.ContentLength > 0 { // grown as the body arrives, not as the header claims
+		buf.Grow(int(min(r.ContentLength, 64<<10)))
 	}
 	_, err := buf.ReadFrom(http.MaxBytesReader(w, r.Body, limit))
 	var maxErr *http.MaxBytesError
@@ -470,7 +488,13 @@ type rpcReply struct {
 // unary serves a Connect unary call to m, given its headers and its body as
 // it came off the wire (compressed or not, within the size limit). It never
 // keeps raw after it returns.
-func (s *Server) unary(ctx context.Context, m *rpcMethod, h http.Header, raw []byte) rpcReply {
+func (s *Server) unary(ctx context.Context, m *rpcMethod, h http.Header, raw []byte) (rep rpcReply) {
+	defer func() { // a codec that panics; the handler's own panics are caught in invoke
+		if p := recover(); p != nil {
+			s.opts.logger.Error("micro: panic serving a call", "endpoint", m.name, "panic", p, "stack", string(debug.Stack()))
+			rep = rpcErrorReply(0, NewError(CodeInternal, "internal error serving "+m.name))
+		}
+	}()
 	ct := h.Get("Content-Type")
 	codec := s.codecs.get(ct)
 	if codec == nil {
@@ -480,8 +504,8 @@ func (s *Server) unary(ctx context.Context, m *rpcMethod, h http.Header, raw []b
 	}
 	if v := h.Get("Connect-Timeout-Ms"); v != "" {
 		ms, err := strconv.ParseUint(v, 10, 64)
-		if err != nil || len(v) > 10 {
-			return rpcErrorReply(0, Errorf(CodeInvalidArgument, "bad Connect-Timeout-Ms %q", v))
+		if err != nil || len(v) > 10 || ms == 0 {
+			return rpcErrorReply(0, Errorf(CodeInvalidArgument, "bad Connect-Timeout-Ms %q: want 1 to 10 digits", v))
 		}
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, time.Duration(ms)*time.Millisecond)
@@ -546,6 +570,9 @@ func rpcDecodeBody(raw []byte, encoding string, limit int64) ([]byte, error) {
 	case "", "identity":
 		return raw, nil
 	case "gzip":
+		if len(raw) == 0 { // the protocol says: empty stays empty
+			return raw, nil
+		}
 	default:
 		return nil, Errorf(CodeUnimplemented, "unsupported Content-Encoding %q; use gzip or none", encoding)
 	}
@@ -622,7 +649,11 @@ func rpcErrorReply(status int, err error) rpcReply {
 	if status == 0 {
 		status = e.code().HTTPStatus()
 	}
-	body := rpcWireError{Code: e.code().String(), Message: e.Message}
+	code := e.code()
+	if code > CodeUnauthenticated { // Connect has no codes of its own making
+		code = CodeUnknown
+	}
+	body := rpcWireError{Code: code.String(), Message: e.Message}
 	for _, d := range e.Details {
 		body.Details = append(body.Details, rpcWireDetail{Type: d.Type, Value: base64.RawStdEncoding.EncodeToString(d.Value)})
 	}
@@ -634,7 +665,9 @@ func rpcErrorReply(status int, err error) rpcReply {
 func rpcWriteReply(w http.ResponseWriter, rep rpcReply) {
 	h := w.Header()
 	for k, v := range rep.md {
-		h.Set(k, v)
+		if rpcSendable(k, v) {
+			h.Set(k, v)
+		}
 	}
 	h.Set("Content-Type", rep.contentType)
 	h.Set("Content-Length", strconv.Itoa(len(rep.body)))
@@ -649,8 +682,8 @@ func rpcReadError(status int, header http.Header, body []byte) *Error {
 	e := &Error{}
 	if json.Unmarshal(body, &wire) == nil && wire.Code != "" {
 		code, ok := ParseCode(wire.Code)
-		if !ok {
-			code = CodeUnknown
+		if !ok { // not a Connect code: the body is malformed, the status speaks
+			code = errorCodeFromHTTP(status)
 		}
 		e.Code, e.Message = code, wire.Message
 		for _, d := range wire.Details {
@@ -664,8 +697,28 @@ func rpcReadError(status int, header http.Header, body []byte) *Error {
 		e.Code = errorCodeFromHTTP(status)
 		e.Message = fmt.Sprintf("HTTP %d %s", status, http.StatusText(status))
 	}
-	e.Meta = rpcIncomingMetadata(header)
+	e.retry = e.Code == CodeUnavailable // the node said so: it did not serve the call
+	e.Meta = rpcResponseMetadata(header)
 	return e
+}
+
+// rpcResponseMetadata is a reply's metadata: its headers, with unary
+// trailers (sent as Trailer-Name headers) under their own names.
+func rpcResponseMetadata(h http.Header) MD {
+	md := rpcIncomingMetadata(h)
+	for k, v := range md {
+		if name, ok := strings.CutPrefix(k, "Trailer-"); ok && name != "" {
+			delete(md, k)
+			md[textproto.CanonicalMIMEHeaderKey(name)] = v
+		}
+	}
+	return md
+}
+
+// rpcSendable reports whether metadata k: v may go on the wire: not a
+// protocol header (framing, Connect's own), and a valid header.
+func rpcSendable(k, v string) bool {
+	return !rpcReservedHeaders[k] && !strings.HasPrefix(k, "Connect-") && http1ValidHeader(k, v)
 }
 
 // Serve accepts connections on l until Shutdown or Close, when it returns
@@ -810,6 +863,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	case <-done:
 	case <-ctx.Done():
 		err = ctx.Err()
+		s.cancelBase() // handlers waiting on their context give up
 		s.mu.Lock()
 		for sc := range s.conns {
 			sc.c.Close()
@@ -825,8 +879,9 @@ func (s *Server) Shutdown(ctx context.Context) error {
 }
 
 // Close stops the server at once: it cancels the contexts of calls in flight
-// and closes every connection. It waits for the connections' goroutines, not
-// for handlers that ignore their context. It is idempotent.
+// and closes every connection, then waits for the handlers still running to
+// return (a fast-path call runs on its connection's goroutine). It is
+// idempotent.
 func (s *Server) Close() error {
 	s.cancelBase()
 	hs, _, conns := s.beginClose()
@@ -843,10 +898,19 @@ func (s *Server) Close() error {
 	return nil
 }
 
-func (s *Server) isClosed() bool {
+// reopen makes a server that has shut down servable again, with its
+// handlers and options: a service started again after Stop keeps its Server.
+func (s *Server) reopen() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.closed
+	if !s.closed {
+		return
+	}
+	s.closed = false
+	s.hs, s.h1ln, s.hsDone = nil, nil, nil
+	s.closing.Store(false)
+	s.draining.Store(false)
+	s.baseCtx, s.cancelBase = context.WithCancel(context.Background())
 }
 
 // ServerOption configures a [Server]. Every ServerOption is also a
@@ -921,7 +985,7 @@ type clientOptions struct {
 }
 
 type callOptions struct {
-	address     []string
+	nodes       []*Node // from WithAddress
 	timeout     time.Duration
 	retries     int
 	contentType string
@@ -995,8 +1059,14 @@ func (c *Client) apply(opts []ClientOption) {
 // node could be reached, CodeDeadlineExceeded when the deadline passed).
 func (c *Client) Call(ctx context.Context, service, endpoint string, req, rsp any, opts ...CallOption) error {
 	r := &Request{Service: service, Endpoint: endpoint, Body: req}
-	if md, ok := ctx.Value(rpcOutgoingKey{}).(MD); ok {
-		r.Header = md
+	md, _ := ctx.Value(rpcOutgoingKey{}).(MD)
+	if len(c.opts.wrappers) > 0 { // middleware may write to it: its own copy
+		r.Header = make(MD, len(md))
+		for k, v := range md {
+			r.Header[k] = v
+		}
+	} else {
+		r.Header = md // read only, below
 	}
 	return c.call(ctx, r, rsp, opts...)
 }
@@ -1005,7 +1075,7 @@ func (c *Client) Call(ctx context.Context, service, endpoint string, req, rsp an
 // wrappers wrap.
 func (c *Client) callService(ctx context.Context, req *Request, rsp any, opts ...CallOption) error {
 	if c.closed.Load() {
-		return ErrClosed
+		return &Error{Code: CodeCanceled, Message: "micro: client closed", cause: ErrClosed}
 	}
 	o := c.opts.call
 	for _, opt := range opts {
@@ -1051,8 +1121,8 @@ func (c *Client) callService(ctx context.Context, req *Request, rsp any, opts ..
 		}
 	}
 	for k, v := range md {
-		if rpcReservedHeaders[k] || strings.HasPrefix(k, "Connect-") || !http1ValidHeader(k, v) {
-			return Errorf(CodeInvalidArgument, "micro: metadata %q cannot be sent: reserved, or not a valid header", k)
+		if !rpcSendable(k, v) {
+			return Errorf(CodeInvalidArgument, "micro: metadata %q cannot be sent: a protocol header, or not a valid header", k)
 		}
 	}
 	c.budget.deposit()
@@ -1081,7 +1151,7 @@ func (c *Client) callService(ctx context.Context, req *Request, rsp any, opts ..
 		if err == nil {
 			return nil
 		}
-		if CodeOf(err) != CodeUnavailable || ctx.Err() != nil || attempt >= o.retries || !c.budget.withdraw() {
+		if !rpcRetryable(err) || ctx.Err() != nil || attempt >= o.retries || !c.budget.withdraw() {
 			return err
 		}
 		tried = append(tried, node.Address)
@@ -1090,12 +1160,8 @@ func (c *Client) callService(ctx context.Context, req *Request, rsp any, opts ..
 
 // nodes returns the nodes that may serve a call.
 func (c *Client) nodes(ctx context.Context, service string, o *callOptions) ([]*Node, error) {
-	if len(o.address) > 0 {
-		nodes := make([]*Node, len(o.address))
-		for i, a := range o.address {
-			nodes[i] = &Node{ID: a, Address: a}
-		}
-		return nodes, nil
+	if len(o.nodes) > 0 {
+		return o.nodes, nil
 	}
 	if c.cache == nil {
 		return nil, Errorf(CodeFailedPrecondition, "micro: client has no registry; call with micro.WithAddress or create it with micro.WithRegistry")
@@ -1113,7 +1179,7 @@ func (c *Client) nodes(ctx context.Context, service string, o *callOptions) ([]*
 	var nodes []*Node
 	for _, s := range services {
 		for _, n := range s.Nodes {
-			if !slices.ContainsFunc(nodes, func(m *Node) bool { return m.Address == n.Address }) {
+			if rpcValidAddr(n.Address) && !slices.ContainsFunc(nodes, func(m *Node) bool { return m.Address == n.Address }) {
 				nodes = append(nodes, n)
 			}
 		}
@@ -1131,9 +1197,12 @@ func (c *Client) attempt(ctx context.Context, deadline time.Time, addr, path str
 		return c.roundTripHTTP(ctx, deadline, addr, path, codec, body, md, rsp, o)
 	}
 	call := http1Call{addr: addr, path: path, codec: codec, body: body, md: md, deadline: deadline}
-	status, header, out, err := c.h1.roundTrip(ctx, &call, c.opts.maxRspSize)
+	if !rpcValidAddr(addr) {
+		return Errorf(CodeInvalidArgument, "micro: bad node address %q", addr)
+	}
+	status, header, out, sent, err := c.h1.roundTrip(ctx, &call, c.opts.maxRspSize)
 	if err != nil {
-		return rpcTransportError(ctx, deadline, addr, err)
+		return rpcTransportError(ctx, deadline, addr, err, !sent)
 	}
 	defer http1PutBuf(out)
 	return c.finish(status, header, *out, codec, rsp, o)
@@ -1151,12 +1220,14 @@ func (c *Client) roundTripHTTP(ctx context.Context, deadline time.Time, addr, pa
 	hreq.Header.Set("Content-Type", codec.ContentType())
 	hreq.Header.Set("Connect-Protocol-Version", "1")
 	if !deadline.IsZero() {
-		ms := max(time.Until(deadline).Milliseconds(), 1)
+		ms := min(max(time.Until(deadline).Milliseconds(), 1), 9_999_999_999) // at most 10 digits
 		hreq.Header.Set("Connect-Timeout-Ms", strconv.FormatInt(ms, 10))
 	}
 	hrsp, err := c.hc.Do(hreq)
 	if err != nil {
-		return rpcTransportError(ctx, deadline, addr, err)
+		var op *net.OpError
+		unsent := errors.As(err, &op) && op.Op == "dial"
+		return rpcTransportError(ctx, deadline, addr, err, unsent)
 	}
 	defer hrsp.Body.Close()
 	if hrsp.ContentLength > c.opts.maxRspSize {
@@ -1168,7 +1239,7 @@ func (c *Client) roundTripHTTP(ctx context.Context, deadline time.Time, addr, pa
 	}
 	n, err := buf.ReadFrom(io.LimitReader(hrsp.Body, c.opts.maxRspSize+1))
 	if err != nil {
-		return rpcTransportError(ctx, deadline, addr, err)
+		return rpcTransportError(ctx, deadline, addr, err, false)
 	}
 	if n > c.opts.maxRspSize {
 		return Errorf(CodeResourceExhausted, "micro: response larger than %d bytes", c.opts.maxRspSize)
@@ -1180,7 +1251,7 @@ func (c *Client) roundTripHTTP(ctx context.Context, deadline time.Time, addr, pa
 // body, or the decoded message.
 func (c *Client) finish(status int, header http.Header, body []byte, codec Codec, rsp any, o *callOptions) error {
 	if o.rspHeader != nil {
-		*o.rspHeader = rpcIncomingMetadata(header)
+		*o.rspHeader = rpcResponseMetadata(header)
 	}
 	if status != http.StatusOK {
 		return rpcReadError(status, header, body)
@@ -1196,8 +1267,9 @@ func (c *Client) finish(status int, header http.Header, body []byte, codec Codec
 
 // rpcTransportError reports a failure to reach a node: the context's error if
 // it ended, deadline_exceeded if the call's deadline passed, otherwise
-// CodeUnavailable (so the call is retried elsewhere).
-func rpcTransportError(ctx context.Context, deadline time.Time, addr string, err error) error {
+// CodeUnavailable. Unsent says the request cannot have been served (the
+// connection was refused, say), so it may be retried on another node.
+func rpcTransportError(ctx context.Context, deadline time.Time, addr string, err error, unsent bool) error {
 	var e *Error
 	switch {
 	case errors.As(err, &e):
@@ -1207,7 +1279,16 @@ func rpcTransportError(ctx context.Context, deadline time.Time, addr string, err
 	case !deadline.IsZero() && !time.Now().Before(deadline):
 		return &Error{Code: CodeDeadlineExceeded, Message: "deadline passed calling node " + addr, cause: err}
 	}
-	return &Error{Code: CodeUnavailable, Message: "node " + addr + ": " + err.Error(), cause: err}
+	return &Error{Code: CodeUnavailable, Message: "node " + addr + ": " + err.Error(), cause: err, retry: unsent}
+}
+
+// rpcRetryable reports whether a failed attempt may be repeated on another
+// node: the request was never served (it could not be sent), or the node
+// answered unavailable. A call that may have run is not repeated, so a
+// handler does not run twice for one call.
+func rpcRetryable(err error) bool {
+	var e *Error
+	return errors.As(err, &e) && e.code() == CodeUnavailable && e.retry
 }
 
 // Close releases the client's idle connections and stops its registry
@@ -1253,8 +1334,8 @@ func WithBalancer(b Balancer) ClientOption {
 	return rpcOption{client: func(o *clientOptions) { o.balancer = b }}
 }
 
-// WithTransport makes calls go through rt, a net/http transport (for TLS,
-// proxies or tracing), instead of the client's own HTTP/1.1 fast path (a pool
+// WithTransport makes calls go through rt, a net/http transport (for a proxy
+// or an instrumented RoundTripper), instead of the client's own HTTP/1.1 fast path (a pool
 // of keep-alive connections per node, up to 256 idle, replies parsed in the
 // calling goroutine).
 func WithTransport(rt http.RoundTripper) ClientOption {
@@ -1279,7 +1360,33 @@ func MaxResponseSize(n int64) ClientOption {
 // discovery; with several, they are balanced and retried like discovered
 // nodes.
 func WithAddress(addr ...string) ClientCallOption {
-	return rpcOption{call: func(o *callOptions) { o.address = addr }}
+	nodes := make([]*Node, 0, len(addr)) // made once, shared by every call
+	for _, a := range addr {
+		if rpcValidAddr(a) {
+			nodes = append(nodes, &Node{ID: a, Address: a})
+		}
+	}
+	if len(nodes) == 0 {
+		nodes = append(nodes, &Node{ID: "invalid", Address: ""}) // fails as a bad address, not as "no registry"
+	}
+	return rpcOption{call: func(o *callOptions) { o.nodes = nodes }}
+}
+
+// rpcValidAddr reports whether addr is a plausible host:port, with nothing
+// that could break a request line.
+func rpcValidAddr(addr string) bool {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil || host == "" || port == "" {
+		return false
+	}
+	for i := 0; i < len(addr); i++ {
+		c := addr[i]
+		if !(c == '.' || c == '-' || c == ':' || c == '[' || c == ']' || c == '%' || c == '_' ||
+			'0' <= c && c <= '9' || 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z') {
+			return false
+		}
+	}
+	return true
 }
 
 // RequestTimeout bounds a call whose context has no deadline (default 10s; 0

@@ -172,7 +172,7 @@ func TestCurlStyleRawHTTP(t *testing.T) {
 
 func TestCodecsRoundTrip(t *testing.T) {
 	checkGoroutines(t)
-	addr, _ := newTestServer(t, nil, &Echo{})
+	addr, _ := newTestServer(t, []ServerOption{WithCodec(GobCodec{})}, &Echo{})
 	client := newTestClient(t, WithAddress(addr))
 	ctx := context.Background()
 	for _, ct := range []string{ContentTypeJSON, ContentTypeProto, ContentTypeGob} {
@@ -191,6 +191,12 @@ func TestCodecsRoundTrip(t *testing.T) {
 		var rsp string
 		assertNoError(t, client.Call(ctx, "echo", "Echo.Text", "shout", &rsp, ContentType("text/plain; charset=utf-8")))
 		assertEqual(t, rsp, "SHOUT")
+	})
+	t.Run("gob is opt-in for servers", func(t *testing.T) {
+		plain, _ := newTestServer(t, nil, &Echo{})
+		var rsp Msg
+		err := newTestClient(t, WithAddress(plain)).Call(ctx, "echo", "Echo.Struct", &Msg{}, &rsp, ContentType(ContentTypeGob))
+		assertCode(t, err, CodeInvalidArgument)
 	})
 	t.Run("proto without methods", func(t *testing.T) {
 		var rsp HelloResponse
@@ -294,7 +300,7 @@ func rawCall(t *testing.T, addr, path, contentType string, body []byte, header m
 }
 
 func TestBadRequests(t *testing.T) {
-	addr, _ := newTestServer(t, []ServerOption{MaxBodySize(1024)}, &Echo{}, &Greeter{id: "g"})
+	addr, _ := newTestServer(t, []ServerOption{MaxBodySize(1024), WithCodec(GobCodec{})}, &Echo{}, &Greeter{id: "g"})
 	big := bytes.Repeat([]byte("a"), 2048)
 	var gz bytes.Buffer
 	zw := gzip.NewWriter(&gz)
@@ -458,7 +464,8 @@ func TestRegisterHandlerErrorsSayHowToFix(t *testing.T) {
 		{"response not a pointer", badShapes{}, nil, "hint: use *micro.HelloResponse"},
 		{"no endpoint methods", notEndpoints{}, nil, "no exported method of the form"},
 		{"anonymous type", &struct{ Greeter }{}, nil, "pass HandlerName"},
-		{"bad name", &Greeter{}, []HandlerOption{HandlerName("a/b")}, "may not hold '/'"},
+		{"bad name", &Greeter{}, []HandlerOption{HandlerName("a/b")}, "use ASCII letters"},
+		{"name with CRLF", &Greeter{}, []HandlerOption{HandlerName("a\r\nX: y")}, "use ASCII letters"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -504,7 +511,7 @@ func FuzzServeUnary(f *testing.F) {
 	f.Add("/Echo/Bytes", "application/octet-stream", "100", "", []byte{0})
 	f.Add("/Echo/Text", "text/plain; charset=utf-8", "", "gzip", []byte("\x1f\x8b"))
 	f.Add("/Greeter/Hello", "application/json", "99999999999", "identity", []byte(`[`))
-	srv := NewServer(MaxBodySize(4096))
+	srv := NewServer(MaxBodySize(4096), WithCodec(GobCodec{}))
 	if err := RegisterHandler(srv, &Greeter{id: "f"}); err != nil {
 		f.Fatal(err)
 	}
