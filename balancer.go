@@ -4,7 +4,6 @@ import (
 	"context"
 	"math/rand/v2"
 	"sync"
-	"sync/atomic"
 	"time"
 )
 
@@ -36,11 +35,31 @@ const (
 )
 
 // NodeBalancer is the built-in [Balancer]: a [Strategy] over the nodes that
-// are not ejected. A node whose calls fail with a transport error or
-// [CodeUnavailable] several times in a row is ejected for a cool-down, then
-// offered again; one more failure ejects it for twice as long (up to 32×),
-// one success clears its record. If every node is ejected, all are offered,
-// since trying beats failing outright.
+// are not ejected.
+//
+// An attempt's result, as reported to the done func of [NodeBalancer.Pick],
+// is one of three kinds:
+//   - a failure: an error with [CodeUnavailable], which the client reports for
+//     every transport failure (connection refused or reset, unreachable
+//     address) as well as for a node that says it is unavailable;
+//   - neutral: an error with [CodeCanceled] or [CodeDeadlineExceeded], since
+//     the caller's context, not the node, may have ended the call; it changes
+//     nothing but the count of calls in flight (so a node that swallows calls
+//     until their deadline is not ejected for it);
+//   - a success: nil or any other error (an application error means the node
+//     answered).
+//
+// A node that fails [EjectAfter] times in a row is ejected for [EjectFor],
+// then offered again; one more failure ejects it for twice as long (up to
+// 32×). A success clears its failures, its ejections and any ejection still
+// running. If every node is ejected, all are offered, since trying beats
+// failing outright.
+//
+// The done func must be called exactly once per pick (the client does); a
+// second call would corrupt the count of calls in flight. What a NodeBalancer
+// knows of an address is forgotten once the address has not been picked for
+// five minutes (counted from the end of its last ejection), has no call in
+// flight and is not ejected.
 //
 // A NodeBalancer is safe for concurrent use; share one across clients to
 // share what it learns.
@@ -48,20 +67,30 @@ type NodeBalancer struct {
 	strategy   Strategy
 	ejectAfter int
 	ejectFor   time.Duration
-	next       atomic.Uint64 // round robin position
 
-	mu    sync.Mutex
-	nodes map[string]*balancerNode // by address
-	now   func() time.Time
+	mu        sync.Mutex
+	next      uint64                   // round robin position
+	nodes     map[string]*balancerNode // by address
+	lastPrune time.Time
+	now       func() time.Time
 }
 
-// balancerNode is what a NodeBalancer knows of one address.
+// balancerNode is what a NodeBalancer knows of one address. Its fields are
+// guarded by NodeBalancer.mu.
 type balancerNode struct {
-	inflight  atomic.Int64
-	fails     int       // consecutive failures (under NodeBalancer.mu)
+	inflight  int
+	fails     int       // consecutive failures
 	ejections int       // ejections since the last success
 	until     time.Time // ejected until
+	lastUsed  time.Time // last picked
+	done      func(error)
 }
+
+// How often and after how long idle a NodeBalancer forgets addresses.
+const (
+	balancerPruneEvery = time.Minute
+	balancerIdle       = 5 * time.Minute
+)
 
 // BalancerOption configures a [NodeBalancer].
 type BalancerOption func(*NodeBalancer)
@@ -100,15 +129,22 @@ func NewBalancer(s Strategy, opts ...BalancerOption) *NodeBalancer {
 	return b
 }
 
-// Pick chooses a node and returns the func that reports its result.
+// Pick chooses a node and returns the func that reports its result, which
+// must be called exactly once. It does not allocate for up to eight nodes
+// it has seen before.
 func (b *NodeBalancer) Pick(ctx context.Context, nodes []*Node) (*Node, func(error), error) {
 	if len(nodes) == 0 {
 		return nil, nil, ErrNoNodes
 	}
+	var nb [8]*Node
+	var sb [8]*balancerNode
+	healthy, states := nb[:0], sb[:0]
 	now := b.now()
-	healthy := make([]*Node, 0, len(nodes))
-	states := make([]*balancerNode, 0, len(nodes))
 	b.mu.Lock()
+	defer b.mu.Unlock()
+	if now.Sub(b.lastPrune) >= balancerPruneEvery {
+		b.pruneLocked(now)
+	}
 	for _, n := range nodes {
 		st := b.stateLocked(n.Address)
 		if now.Before(st.until) {
@@ -123,12 +159,12 @@ func (b *NodeBalancer) Pick(ctx context.Context, nodes []*Node) (*Node, func(err
 			states = append(states, b.stateLocked(n.Address))
 		}
 	}
-	b.mu.Unlock()
 
 	i := 0
 	switch b.strategy {
 	case RoundRobin:
-		i = int((b.next.Add(1) - 1) % uint64(len(healthy)))
+		i = int(b.next % uint64(len(healthy)))
+		b.next++
 	case Random:
 		i = rand.IntN(len(healthy))
 	default:
@@ -138,43 +174,52 @@ func (b *NodeBalancer) Pick(ctx context.Context, nodes []*Node) (*Node, func(err
 			if j >= i {
 				j++
 			}
-			if states[j].inflight.Load() < states[i].inflight.Load() {
+			if states[j].inflight < states[i].inflight {
 				i = j
 			}
 		}
 	}
 	st := states[i]
-	st.inflight.Add(1)
-	var once atomic.Bool
-	done := func(err error) {
-		if !once.CompareAndSwap(false, true) {
-			return
-		}
-		st.inflight.Add(-1)
-		b.report(st, err)
-	}
-	return healthy[i], done, nil
+	st.inflight++
+	st.lastUsed = now
+	return healthy[i], st.done, nil
 }
 
 func (b *NodeBalancer) stateLocked(addr string) *balancerNode {
 	st := b.nodes[addr]
 	if st == nil {
 		st = &balancerNode{}
+		st.done = func(err error) { b.report(st, err) } // made once, so Pick does not allocate
 		b.nodes[addr] = st
 	}
 	return st
 }
 
+// pruneLocked forgets the addresses not picked for balancerIdle that have no
+// call in flight and are not ejected. The idle time of a node counts from the
+// end of its last ejection, so a node does not lose its record the moment its
+// cool-down ends.
+func (b *NodeBalancer) pruneLocked(now time.Time) {
+	b.lastPrune = now
+	for addr, st := range b.nodes {
+		if st.inflight == 0 && now.Sub(st.lastUsed) >= balancerIdle && now.Sub(st.until) >= balancerIdle {
+			delete(b.nodes, addr)
+		}
+	}
+}
+
 // report records an attempt's result.
 func (b *NodeBalancer) report(st *balancerNode, err error) {
-	if !balancerIsNodeFailure(err) {
-		b.mu.Lock()
-		st.fails, st.ejections = 0, 0
-		b.mu.Unlock()
-		return
-	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	st.inflight--
+	switch balancerClassify(err) {
+	case balancerNeutral:
+		return
+	case balancerSuccess:
+		st.fails, st.ejections, st.until = 0, 0, time.Time{}
+		return
+	}
 	now := b.now()
 	if now.Before(st.until) {
 		return // calls that were in flight when it was ejected
@@ -189,10 +234,27 @@ func (b *NodeBalancer) report(st *balancerNode, err error) {
 	st.ejections++
 }
 
-// balancerIsNodeFailure reports whether err says the node, not the call, is
-// at fault: a transport failure (reported as unavailable) or unavailable.
-func balancerIsNodeFailure(err error) bool {
-	return err != nil && CodeOf(err) == CodeUnavailable
+// What an attempt's result says about its node.
+const (
+	balancerSuccess = iota // the node answered
+	balancerFailure        // the node could not be reached or is unavailable
+	balancerNeutral        // the call ended for a reason that says nothing of the node
+)
+
+// balancerClassify sorts an attempt's result: CodeUnavailable (which the
+// client reports for transport failures) is the node's failure; a canceled or
+// expired context is neutral; anything else, nil included, is a success.
+func balancerClassify(err error) int {
+	if err == nil {
+		return balancerSuccess
+	}
+	switch CodeOf(err) {
+	case CodeUnavailable:
+		return balancerFailure
+	case CodeCanceled, CodeDeadlineExceeded:
+		return balancerNeutral
+	}
+	return balancerSuccess
 }
 
 // Filter narrows a service's records before balancing: it returns the records

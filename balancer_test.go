@@ -3,6 +3,10 @@ package micro
 import (
 	"context"
 	"errors"
+	"fmt"
+	"maps"
+	"slices"
+	"strings"
 	"testing"
 	"time"
 )
@@ -56,8 +60,40 @@ func TestLeastInFlightAvoidsBusyNode(t *testing.T) {
 	}
 	for _, d := range pending {
 		d(nil)
-		d(nil) // a second report is ignored
 	}
+	assertEqual(t, balancerInflight(b, "busy"), 0)
+}
+
+// balancerInflight returns the calls in flight at addr.
+func balancerInflight(b *NodeBalancer, addr string) int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.nodes[addr].inflight
+}
+
+// balancerAddrs returns the addresses b keeps a record of, sorted.
+func balancerAddrs(b *NodeBalancer) []string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return slices.Sorted(maps.Keys(b.nodes))
+}
+
+// balancerPicks makes n picks over nodes, reporting err for addr and nil for
+// the others, and returns how many went to addr.
+func balancerPicks(t *testing.T, b *NodeBalancer, nodes []*Node, n int, addr string, err error) int {
+	t.Helper()
+	picked := 0
+	for i := 0; i < n; i++ {
+		node, done, perr := b.Pick(context.Background(), nodes)
+		assertNoError(t, perr)
+		if node.Address == addr {
+			picked++
+			done(err)
+		} else {
+			done(nil)
+		}
+	}
+	return picked
 }
 
 func TestBalancerEjectsAndProbesBack(t *testing.T) {
@@ -125,6 +161,120 @@ func TestBalancerEjectsAndProbesBack(t *testing.T) {
 	}
 }
 
+func TestBalancerSuccessRestoresNodeFully(t *testing.T) {
+	now := time.Unix(1000, 0)
+	b := NewBalancer(RoundRobin, EjectAfter(2), EjectFor(10*time.Second))
+	b.now = func() time.Time { return now }
+	nodes := balancerTestNodes("bad", "good")
+	down := NewError(CodeUnavailable, "down")
+
+	// Ejected twice, so a third ejection would last 40s.
+	assertEqual(t, balancerPicks(t, b, nodes, 10, "bad", down), 2)
+	now = now.Add(11 * time.Second)
+	assertEqual(t, balancerPicks(t, b, nodes, 10, "bad", down), 1)
+	now = now.Add(21 * time.Second)
+	// The probe succeeds: the node is back in full, with no failures or
+	// ejections on its record.
+	assertEqual(t, balancerPicks(t, b, nodes, 10, "bad", nil), 5)
+	assertEqual(t, balancerPicks(t, b, nodes, 10, "bad", down), 2) // two failures again, not one
+	// A first ejection again: 10s, not 40s.
+	now = now.Add(10 * time.Second)
+	assertEqual(t, balancerPicks(t, b, nodes, 10, "bad", nil), 5)
+
+	// A call that was in flight when the node was ejected and then succeeds
+	// ends the ejection at once.
+	slow, slowDone, _ := b.Pick(context.Background(), nodes[:1])
+	assertEqual(t, slow.Address, "bad")
+	assertEqual(t, balancerPicks(t, b, nodes, 10, "bad", down), 2)
+	assertEqual(t, balancerPicks(t, b, nodes, 4, "bad", down), 0) // ejected
+	slowDone(nil)
+	assertEqual(t, balancerPicks(t, b, nodes, 10, "bad", nil), 5)
+}
+
+func TestBalancerContextErrorsAreNeutral(t *testing.T) {
+	now := time.Unix(1000, 0)
+	b := NewBalancer(RoundRobin, EjectAfter(2), EjectFor(10*time.Second))
+	b.now = func() time.Time { return now }
+	nodes := balancerTestNodes("slow", "good")
+	down := NewError(CodeUnavailable, "down")
+	neutral := []error{
+		context.Canceled,
+		context.DeadlineExceeded,
+		fmt.Errorf("call: %w", context.DeadlineExceeded),
+		NewError(CodeCanceled, "canceled"),
+		NewError(CodeDeadlineExceeded, "deadline passed calling node slow"),
+	}
+	report := func(err error) {
+		_, done, _ := b.Pick(context.Background(), nodes[:1])
+		done(err)
+	}
+
+	// Never a failure: any number of them does not eject.
+	for _, err := range neutral {
+		report(err)
+		report(err)
+	}
+	assertEqual(t, balancerPicks(t, b, nodes, 10, "slow", nil), 5)
+
+	// Never a success: they do not clear a run of failures ...
+	report(down)
+	for _, err := range neutral {
+		report(err)
+	}
+	report(down)
+	assertEqual(t, balancerPicks(t, b, nodes, 10, "slow", nil), 0) // ejected
+
+	// ... nor the record of an ejected node: after its cool-down, a neutral
+	// result and then one failure eject it again, for twice as long.
+	now = now.Add(11 * time.Second)
+	report(context.Canceled)
+	report(down)
+	now = now.Add(19 * time.Second)
+	assertEqual(t, balancerPicks(t, b, nodes, 10, "slow", nil), 0)
+	now = now.Add(time.Second)
+	assertEqual(t, balancerPicks(t, b, nodes, 10, "slow", nil), 5)
+	assertEqual(t, balancerInflight(b, "slow"), 0)
+}
+
+func TestBalancerForgetsIdleNodes(t *testing.T) {
+	start := time.Unix(1000, 0)
+	now := start
+	b := NewBalancer(Random, EjectAfter(1), EjectFor(time.Hour))
+	b.now = func() time.Time { return now }
+	pick := func(addr string) func(error) {
+		n, done, err := b.Pick(context.Background(), balancerTestNodes(addr))
+		assertNoError(t, err)
+		assertEqual(t, n.Address, addr)
+		return done
+	}
+	at := func(d time.Duration) { now = start.Add(d) }
+
+	pick("idle")(nil)
+	busyDone := pick("busy") // in flight throughout
+	pick("ejected")(NewError(CodeUnavailable, "down"))
+	at(90 * time.Second)
+	pick("recent")(nil)
+	at(6 * time.Minute) // "idle" has not been picked for 6 minutes, "recent" for 4.5
+	pick("probe")(nil)
+	assertEqual(t, strings.Join(balancerAddrs(b), " "), "busy ejected probe recent")
+	at(6*time.Minute + 45*time.Second) // "recent" is idle now, but pruning waits a minute
+	pick("probe")(nil)
+	assertEqual(t, strings.Join(balancerAddrs(b), " "), "busy ejected probe recent")
+	at(7 * time.Minute)
+	pick("probe")(nil)
+	assertEqual(t, strings.Join(balancerAddrs(b), " "), "busy ejected probe")
+	busyDone(nil) // picked at the start, so idle once nothing is in flight
+	at(8 * time.Minute)
+	pick("probe")(nil)
+	assertEqual(t, strings.Join(balancerAddrs(b), " "), "ejected probe")
+	at(time.Hour + 4*time.Minute) // ejected until 1h; idle counts from then
+	pick("probe")(nil)
+	assertEqual(t, strings.Join(balancerAddrs(b), " "), "ejected probe")
+	at(time.Hour + 5*time.Minute)
+	pick("probe")(nil)
+	assertEqual(t, strings.Join(balancerAddrs(b), " "), "probe")
+}
+
 func TestFilters(t *testing.T) {
 	services := []*ServiceInfo{
 		{Name: "s", Version: "1", Metadata: map[string]string{"zone": "eu"}, Nodes: []*Node{
@@ -169,4 +319,33 @@ func TestRetryBudget(t *testing.T) {
 		n++
 	}
 	assertEqual(t, n, 5) // half a second of reserve
+}
+
+func BenchmarkBalancerPick(b *testing.B) {
+	addrs := []string{"10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.3:8080", "10.0.0.4:8080",
+		"10.0.0.5:8080", "10.0.0.6:8080", "10.0.0.7:8080", "10.0.0.8:8080"}
+	for _, bc := range []struct {
+		name     string
+		strategy Strategy
+		nodes    int
+	}{
+		{"LeastInFlight/3", LeastInFlight, 3},
+		{"RoundRobin/3", RoundRobin, 3},
+		{"Random/3", Random, 3},
+		{"LeastInFlight/8", LeastInFlight, 8},
+	} {
+		b.Run(bc.name, func(b *testing.B) {
+			bal := NewBalancer(bc.strategy)
+			nodes := balancerTestNodes(addrs[:bc.nodes]...)
+			ctx := context.Background()
+			b.ReportAllocs()
+			for b.Loop() {
+				_, done, err := bal.Pick(ctx, nodes)
+				if err != nil {
+					b.Fatal(err)
+				}
+				done(nil)
+			}
+		})
+	}
 }

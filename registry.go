@@ -413,6 +413,11 @@ func registryValidate(s *ServiceInfo) error {
 			return Errorf(CodeInvalidArgument, "micro: registry: service %s has a node with no ID", s.Name)
 		}
 	}
+	for _, e := range s.Endpoints {
+		if e == nil {
+			return Errorf(CodeInvalidArgument, "micro: registry: service %s has a nil endpoint", s.Name)
+		}
+	}
 	return nil
 }
 
@@ -499,20 +504,27 @@ func (w *registryWatcher) Stop() {
 // registryCache is a client's view of a registry: lookups are cached and
 // refreshed by one watch over all services, and concurrent misses for one
 // name share a single lookup.
+//
+// A lookup's result is cached only if the watch was live (registered with the
+// registry) when the lookup began and no watch event, restart or failure
+// happened before it ended, so every change the lookup may have missed is one
+// the watch reports, and a cached entry is dropped as soon as the watch
+// delivers its change. Lookups made before the watch is live are not cached.
 type registryCache struct {
 	reg Registry
 	ttl time.Duration // how long an entry lives without a watch event
 
 	sf singleflight.Group
 
-	mu      sync.Mutex
-	entries map[string]registryCacheEntry
-	gen     map[string]uint64 // bumped by each event for the name
-	watchOn bool              // the watch goroutine runs
-	closed  bool
-	ctx     context.Context
-	cancel  context.CancelFunc
-	wg      sync.WaitGroup
+	mu        sync.Mutex
+	entries   map[string]registryCacheEntry
+	epoch     uint64 // bumped by every watch event and every watch start or failure
+	watchLive bool   // a Watch call returned and its watcher has not failed since
+	watchOn   bool   // the watch goroutine runs
+	closed    bool
+	ctx       context.Context
+	cancel    context.CancelFunc
+	wg        sync.WaitGroup
 }
 
 type registryCacheEntry struct {
@@ -525,7 +537,6 @@ func newRegistryCache(reg Registry, ttl time.Duration) *registryCache {
 	return &registryCache{
 		reg: reg, ttl: ttl,
 		entries: make(map[string]registryCacheEntry),
-		gen:     make(map[string]uint64),
 		ctx:     ctx, cancel: cancel,
 	}
 }
@@ -550,18 +561,18 @@ func (c *registryCache) lookup(ctx context.Context, name string) ([]*ServiceInfo
 		c.wg.Add(1)
 		go c.watch()
 	}
-	gen := c.gen[name]
 	c.mu.Unlock()
 
 	ch := c.sf.DoChan(name, func() (any, error) {
-		// Detached from any one caller, so a canceled caller does not fail
-		// the others waiting on the same lookup.
 		c.mu.Lock()
 		e, ok := c.entries[name] // filled by a lookup that ended just now
+		live, epoch := c.watchLive, c.epoch
 		c.mu.Unlock()
 		if ok && time.Now().Before(e.expires) {
 			return e.services, nil
 		}
+		// Detached from any one caller, so a canceled caller does not fail
+		// the others waiting on the same lookup.
 		lctx, cancel := context.WithTimeout(c.ctx, 10*time.Second)
 		defer cancel()
 		services, err := c.reg.Lookup(lctx, name)
@@ -569,7 +580,7 @@ func (c *registryCache) lookup(ctx context.Context, name string) ([]*ServiceInfo
 			return nil, err
 		}
 		c.mu.Lock()
-		if c.gen[name] == gen && !c.closed {
+		if live && c.epoch == epoch && !c.closed {
 			c.entries[name] = registryCacheEntry{services: services, expires: time.Now().Add(c.ttl)}
 		}
 		c.mu.Unlock()
@@ -586,8 +597,9 @@ func (c *registryCache) lookup(ctx context.Context, name string) ([]*ServiceInfo
 	}
 }
 
-// watch drops cache entries when their service changes. If the watch fails,
-// the cache is emptied (entries could be stale) and the watch is retried.
+// watch drops cache entries when their service changes. If the watch cannot
+// start or fails, the cache is emptied (entries could be stale), nothing is
+// cached until it is live again, and it is retried with a backoff.
 func (c *registryCache) watch() {
 	defer c.wg.Done()
 	backoff := 100 * time.Millisecond
@@ -595,16 +607,24 @@ func (c *registryCache) watch() {
 		w, err := c.reg.Watch(c.ctx, "")
 		if err == nil {
 			backoff = 100 * time.Millisecond
+			c.mu.Lock()
+			c.watchLive = true
+			c.epoch++ // lookups begun before now may have missed a change
+			c.mu.Unlock()
 			for {
 				ev, err := w.Next()
 				if err != nil {
 					break
 				}
-				c.invalidate(ev.Service.Name)
+				c.invalidate(ev)
 			}
 			w.Stop()
 		}
-		c.invalidate("")
+		c.mu.Lock()
+		c.watchLive = false
+		c.epoch++
+		clear(c.entries)
+		c.mu.Unlock()
 		select {
 		case <-c.ctx.Done():
 		case <-time.After(backoff):
@@ -613,22 +633,17 @@ func (c *registryCache) watch() {
 	}
 }
 
-// invalidate drops the entry for name, or every entry for "".
-func (c *registryCache) invalidate(name string) {
+// invalidate drops the entry of the service ev changed (every entry if ev
+// names none) and ends the caching of lookups in flight.
+func (c *registryCache) invalidate(ev *RegistryEvent) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if name == "" {
-		for n := range c.gen {
-			c.gen[n]++
-		}
-		for n := range c.entries {
-			c.gen[n]++
-		}
+	c.epoch++
+	if ev == nil || ev.Service == nil {
 		clear(c.entries)
 		return
 	}
-	c.gen[name]++
-	delete(c.entries, name)
+	delete(c.entries, ev.Service.Name)
 }
 
 func (c *registryCache) close() {

@@ -82,11 +82,22 @@ func TestMemoryRegistryLifecycle(t *testing.T) {
 	}
 
 	// Bad records are refused.
-	if err := reg.Register(ctx, &ServiceInfo{}, 0); CodeOf(err) != CodeInvalidArgument {
-		t.Fatalf("nameless service: %v", err)
-	}
-	if err := reg.Register(ctx, &ServiceInfo{Name: "x", Nodes: []*Node{{}}}, 0); CodeOf(err) != CodeInvalidArgument {
-		t.Fatalf("node without ID: %v", err)
+	for name, s := range map[string]*ServiceInfo{
+		"no service":    nil,
+		"no name":       {},
+		"nil node":      {Name: "x", Nodes: []*Node{nil}},
+		"node no ID":    {Name: "x", Nodes: []*Node{{}}},
+		"nil endpoint":  {Name: "x", Endpoints: []*Endpoint{nil}, Nodes: []*Node{{ID: "a"}}},
+		"nil endpoint2": {Name: "x", Endpoints: []*Endpoint{{Name: "X.Y"}, nil}},
+	} {
+		t.Run(name, func(t *testing.T) {
+			if err := reg.Register(ctx, s, 0); CodeOf(err) != CodeInvalidArgument {
+				t.Fatalf("Register: %v", err)
+			}
+			if err := reg.Deregister(ctx, s); CodeOf(err) != CodeInvalidArgument {
+				t.Fatalf("Deregister: %v", err)
+			}
+		})
 	}
 }
 
@@ -155,32 +166,68 @@ func TestRegistryWatcherStopsAndOverflows(t *testing.T) {
 	}
 }
 
-// countingRegistry counts lookups, can hold them until released, and says
-// when a watcher's Next is called.
+// countingRegistry counts lookups and can hold each one, after it has read
+// the registry, until released; it can hold each Watch call before it
+// registers, and says when a watcher's Next is called.
 type countingRegistry struct {
 	Registry
-	mu      sync.Mutex
-	lookups int
-	entered chan struct{} // a token per lookup
-	hold    chan struct{}
-	nexts   chan struct{} // a token per Next call of a watcher
+	entered   chan struct{} // a token per lookup, once it has read the registry
+	hold      chan struct{} // a lookup returns on a token (or once closed)
+	watching  chan struct{} // if not nil, a token per Watch call
+	watchHold chan struct{} // if not nil, Watch registers on a token
+	nexts     chan struct{} // a token per Next call of a watcher
+
+	mu       sync.Mutex
+	lookups  int
+	watchers []Watcher
 }
 
 func (r *countingRegistry) Lookup(ctx context.Context, name string) ([]*ServiceInfo, error) {
 	r.mu.Lock()
 	r.lookups++
 	r.mu.Unlock()
+	services, err := r.Registry.Lookup(ctx, name)
 	r.entered <- struct{}{}
-	<-r.hold
-	return r.Registry.Lookup(ctx, name)
+	select {
+	case <-r.hold:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	return services, err
 }
 
 func (r *countingRegistry) Watch(ctx context.Context, service string) (Watcher, error) {
+	if r.watching != nil {
+		r.watching <- struct{}{}
+	}
+	if r.watchHold != nil {
+		select {
+		case <-r.watchHold:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
 	w, err := r.Registry.Watch(ctx, service)
 	if err != nil {
 		return nil, err
 	}
+	r.mu.Lock()
+	r.watchers = append(r.watchers, w)
+	r.mu.Unlock()
 	return &signalWatcher{Watcher: w, nexts: r.nexts}, nil
+}
+
+func (r *countingRegistry) lookupCount() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.lookups
+}
+
+// lastWatcher returns the watcher the last Watch call made.
+func (r *countingRegistry) lastWatcher() Watcher {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.watchers[len(r.watchers)-1]
 }
 
 type signalWatcher struct {
@@ -193,15 +240,74 @@ func (w *signalWatcher) Next() (*RegistryEvent, error) {
 	return w.Watcher.Next()
 }
 
+func newCountingRegistry(mem Registry) *countingRegistry {
+	return &countingRegistry{Registry: mem, entered: make(chan struct{}, 100), hold: make(chan struct{}), nexts: make(chan struct{}, 100)}
+}
+
+type registryCacheResult struct {
+	services []*ServiceInfo
+	err      error
+}
+
+// registryCacheLookup looks name up through the cache and checks whether the
+// cache asked the registry (fresh) or answered from its entry. It returns the
+// number of nodes found.
+func registryCacheLookup(t *testing.T, cache *registryCache, reg *countingRegistry, name string, fresh bool) int {
+	t.Helper()
+	res := make(chan registryCacheResult, 1)
+	go func() {
+		services, err := cache.lookup(context.Background(), name)
+		res <- registryCacheResult{services, err}
+	}()
+	var r registryCacheResult
+	select {
+	case <-reg.entered:
+		if !fresh {
+			t.Errorf("lookup of %s asked the registry; want it cached", name)
+		}
+		reg.hold <- struct{}{}
+		r = <-res
+	case r = <-res:
+		if fresh {
+			t.Errorf("lookup of %s answered from the cache; want a fresh lookup", name)
+		}
+	}
+	assertNoError(t, r.err)
+	nodes := 0
+	for _, s := range r.services {
+		nodes += len(s.Nodes)
+	}
+	return nodes
+}
+
+// registryCacheStartWatch makes the cache start its watch, with a lookup of a
+// service that does not exist, and waits until the watch is live.
+func registryCacheStartWatch(t *testing.T, cache *registryCache, reg *countingRegistry) {
+	t.Helper()
+	done := make(chan error, 1)
+	go func() {
+		_, err := cache.lookup(context.Background(), "nothing")
+		done <- err
+	}()
+	<-reg.entered
+	reg.hold <- struct{}{}
+	if err := <-done; !errors.Is(err, ErrNotFound) {
+		t.Fatalf("lookup of a missing service: %v", err)
+	}
+	<-reg.nexts // the watch calls Next once it is live
+}
+
 func TestRegistryCacheSharesLookupsAndFollowsWatch(t *testing.T) {
 	checkGoroutines(t)
 	ctx := context.Background()
 	mem := NewMemoryRegistry()
 	defer mem.Close()
-	reg := &countingRegistry{Registry: mem, entered: make(chan struct{}, 100), hold: make(chan struct{}), nexts: make(chan struct{}, 100)}
+	reg := newCountingRegistry(mem)
 	assertNoError(t, mem.Register(ctx, &ServiceInfo{Name: "greeter", Nodes: []*Node{{ID: "a", Address: "a"}}}, 0))
 	cache := newRegistryCache(reg, time.Hour)
 	defer cache.close()
+	registryCacheStartWatch(t, cache, reg)
+	assertEqual(t, reg.lookupCount(), 1)
 
 	// Ten concurrent misses make one lookup: the first holds it open, the
 	// rest join it, or find its result cached if they come late.
@@ -219,11 +325,9 @@ func TestRegistryCacheSharesLookupsAndFollowsWatch(t *testing.T) {
 	for i := 0; i < 9; i++ {
 		go lookup()
 	}
-	close(reg.hold)
+	reg.hold <- struct{}{}
 	wg.Wait()
-	reg.mu.Lock()
-	assertEqual(t, reg.lookups, 1)
-	reg.mu.Unlock()
+	assertEqual(t, reg.lookupCount(), 2)
 
 	// A caller whose context has ended gets its error at once.
 	cctx, cancel := context.WithCancel(ctx)
@@ -233,15 +337,67 @@ func TestRegistryCacheSharesLookupsAndFollowsWatch(t *testing.T) {
 	}
 
 	// A registry change drops the entry, and the next lookup sees the new
-	// node. The cache's watch calls Next once when it starts and again once
-	// it has handled an event.
-	<-reg.nexts
+	// node. The cache's watch calls Next again once it has handled the event.
 	assertNoError(t, mem.Register(ctx, &ServiceInfo{Name: "greeter", Nodes: []*Node{{ID: "b", Address: "b"}}}, 0))
 	<-reg.nexts
-	got, err := cache.lookup(ctx, "greeter")
-	assertNoError(t, err)
-	assertEqual(t, len(got[0].Nodes), 2)
-	reg.mu.Lock()
-	assertEqual(t, reg.lookups, 2)
-	reg.mu.Unlock()
+	assertEqual(t, registryCacheLookup(t, cache, reg, "greeter", true), 2)
+	assertEqual(t, registryCacheLookup(t, cache, reg, "greeter", false), 2)
+	assertEqual(t, reg.lookupCount(), 3)
+}
+
+// A lookup that read the registry before a change the watch cannot report
+// (the watch was not yet registered, or was being restarted) must not be
+// cached: the next lookup asks the registry again and sees the change.
+func TestRegistryCacheDoesNotCacheLookupsRacingChanges(t *testing.T) {
+	checkGoroutines(t)
+	ctx := context.Background()
+	mem := NewMemoryRegistry()
+	defer mem.Close()
+	reg := newCountingRegistry(mem)
+	reg.watching = make(chan struct{}, 100)
+	reg.watchHold = make(chan struct{})
+	assertNoError(t, mem.Register(ctx, &ServiceInfo{Name: "greeter", Nodes: []*Node{{ID: "a", Address: "a"}}}, 0))
+	assertNoError(t, mem.Register(ctx, &ServiceInfo{Name: "echo", Nodes: []*Node{{ID: "a", Address: "a"}}}, 0))
+	cache := newRegistryCache(reg, time.Hour)
+	defer cache.close()
+
+	// The first lookup starts the watch; it reads the registry, the registry
+	// changes before the watch is registered, then the lookup ends.
+	res := make(chan registryCacheResult, 1)
+	go func() {
+		services, err := cache.lookup(ctx, "greeter")
+		res <- registryCacheResult{services, err}
+	}()
+	<-reg.entered
+	<-reg.watching
+	assertNoError(t, mem.Register(ctx, &ServiceInfo{Name: "greeter", Nodes: []*Node{{ID: "b", Address: "b"}}}, 0))
+	reg.hold <- struct{}{}
+	r := <-res
+	assertNoError(t, r.err)
+	assertEqual(t, len(r.services[0].Nodes), 1) // read before the change
+	reg.watchHold <- struct{}{}
+	<-reg.nexts // live
+	assertEqual(t, registryCacheLookup(t, cache, reg, "greeter", true), 2)
+	assertEqual(t, registryCacheLookup(t, cache, reg, "greeter", false), 2)
+
+	// A lookup in flight while the watch fails and restarts, with a change
+	// in between that no watcher sees.
+	go func() {
+		services, err := cache.lookup(ctx, "echo")
+		res <- registryCacheResult{services, err}
+	}()
+	<-reg.entered
+	reg.lastWatcher().Stop()
+	<-reg.watching // the failure is handled; the watch is being restarted
+	assertNoError(t, mem.Register(ctx, &ServiceInfo{Name: "echo", Nodes: []*Node{{ID: "b", Address: "b"}}}, 0))
+	reg.hold <- struct{}{}
+	r = <-res
+	assertNoError(t, r.err)
+	assertEqual(t, len(r.services[0].Nodes), 1)
+	reg.watchHold <- struct{}{}
+	<-reg.nexts // live again
+	assertEqual(t, registryCacheLookup(t, cache, reg, "echo", true), 2)
+	assertEqual(t, registryCacheLookup(t, cache, reg, "echo", false), 2)
+	assertEqual(t, registryCacheLookup(t, cache, reg, "greeter", true), 2) // emptied by the failure
+	assertEqual(t, reg.lookupCount(), 5)
 }
