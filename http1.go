@@ -100,9 +100,14 @@ func (sc *http1ServerConn) serve() {
 		if d := s.opts.readHeaderTimeout; d > 0 {
 			sc.c.SetReadDeadline(time.Now().Add(d))
 		}
-		m, expect, err := s.http1Classify(sc.br)
+		m, expect, reject, err := s.http1Classify(sc.br)
 		if err != nil {
 			sc.c.Close() // slow or broken header: cut off
+			return
+		}
+		if reject {
+			io.WriteString(sc.c, "HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+			sc.c.Close()
 			return
 		}
 		if m == nil {
@@ -189,8 +194,11 @@ func (sc *http1ServerConn) handoff() {
 
 // http1Classify reads ahead to the end of the next request's header block and
 // returns the endpoint when the fast path can serve it, or nil to hand the
-// connection to net/http. An error means the header did not arrive.
-func (s *Server) http1Classify(br *bufio.Reader) (m *rpcMethod, expect bool, err error) {
+// connection to net/http. Reject says the framing is ambiguous (both
+// Content-Length and Transfer-Encoding: a request smuggling attempt, which
+// RFC 9112 §6.3 lets a server refuse); it is refused and the connection
+// closed. An error means the header did not arrive.
+func (s *Server) http1Classify(br *bufio.Reader) (m *rpcMethod, expect, reject bool, err error) {
 	var hdr []byte
 	for {
 		b, _ := br.Peek(br.Buffered())
@@ -199,51 +207,50 @@ func (s *Server) http1Classify(br *bufio.Reader) (m *rpcMethod, expect bool, err
 			break
 		}
 		if len(b) >= br.Size() {
-			return nil, false, nil // a big header: net/http's limits apply
+			return nil, false, false, nil // a big header: net/http's limits apply
 		}
 		if _, err := br.Peek(len(b) + 1); err != nil { // wait for more
-			return nil, false, err
+			return nil, false, false, err
 		}
 	}
 	line, rest, _ := bytes.Cut(hdr, []byte("\r\n"))
-	method, line, ok1 := bytes.Cut(line, []byte(" "))
-	target, proto, ok2 := bytes.Cut(line, []byte(" "))
-	if !ok1 || !ok2 || string(method) != http.MethodPost || string(proto) != "HTTP/1.1" {
-		return nil, false, nil
-	}
-	s.mu.RLock()
-	m = s.methods[string(target)]
-	s.mu.RUnlock()
-	if m == nil {
-		return nil, false, nil
-	}
-	lengths := 0
+	lengths, chunked, odd := 0, false, false
 	for len(rest) > 0 {
 		var l []byte
 		l, rest, _ = bytes.Cut(rest, []byte("\r\n"))
 		if len(l) == 0 || l[0] == ' ' || l[0] == '\t' {
-			return nil, false, nil // obsolete line folding: let net/http judge
+			odd = true // obsolete line folding: let net/http judge
+			continue
 		}
 		name, value, ok := bytes.Cut(l, []byte(":"))
-		if !ok {
-			return nil, false, nil
-		}
 		switch {
+		case !ok:
+			odd = true
 		case http1EqualFold(name, "content-length"):
 			lengths++
-		case http1EqualFold(name, "transfer-encoding"), http1EqualFold(name, "upgrade"):
-			return nil, false, nil
+		case http1EqualFold(name, "transfer-encoding"):
+			chunked = true
+		case http1EqualFold(name, "upgrade"):
+			odd = true
 		case http1EqualFold(name, "expect"):
 			if !http1EqualFold(bytes.TrimSpace(value), "100-continue") || expect {
-				return nil, false, nil
+				odd = true
 			}
 			expect = true
 		}
 	}
-	if lengths > 1 {
-		return nil, false, nil
+	if chunked && lengths > 0 {
+		return nil, false, true, nil
 	}
-	return m, expect, nil
+	method, line, ok1 := bytes.Cut(line, []byte(" "))
+	target, proto, ok2 := bytes.Cut(line, []byte(" "))
+	if odd || chunked || lengths > 1 || !ok1 || !ok2 || string(method) != http.MethodPost || string(proto) != "HTTP/1.1" {
+		return nil, false, false, nil
+	}
+	s.mu.RLock()
+	m = s.methods[string(target)]
+	s.mu.RUnlock()
+	return m, expect, false, nil
 }
 
 func http1EqualFold(b []byte, lower string) bool {

@@ -416,6 +416,12 @@ func (s *Server) HandleHTTP(pattern string, h http.Handler) {
 // ServeHTTP serves one request: a Connect unary call to a registered
 // endpoint, /health, or a route added with [Server.HandleHTTP].
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.ProtoMajor == 1 && len(r.TransferEncoding) > 0 {
+		// net/http drops a Content-Length sent beside Transfer-Encoding and
+		// keeps the connection; closing it after this reply means nothing
+		// smuggled behind the body is ever read (RFC 9112 §6.3).
+		w.Header().Set("Connection", "close")
+	}
 	s.mu.RLock()
 	m := s.methods[r.URL.Path]
 	extra := s.extra

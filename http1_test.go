@@ -1,0 +1,412 @@
+package micro
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// rawConn dials addr and returns the connection and a reader of replies.
+func rawConn(t *testing.T, addr string) (*net.TCPConn, *bufio.Reader) {
+	t.Helper()
+	c, err := net.Dial("tcp", addr)
+	assertNoError(t, err)
+	t.Cleanup(func() { c.Close() })
+	c.SetDeadline(time.Now().Add(10 * time.Second)) // a failing test ends, not hangs
+	return c.(*net.TCPConn), bufio.NewReader(c)
+}
+
+func helloRequest(name string, extra string) string {
+	body := `{"name":"` + name + `"}`
+	return "POST /Greeter/Hello HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + extra +
+		"Content-Length: " + fmt.Sprint(len(body)) + "\r\n\r\n" + body
+}
+
+func readReply(t *testing.T, br *bufio.Reader) (*http.Response, string) {
+	t.Helper()
+	rsp, err := http.ReadResponse(br, nil)
+	assertNoError(t, err)
+	b, err := io.ReadAll(rsp.Body)
+	assertNoError(t, err)
+	rsp.Body.Close()
+	return rsp, strings.TrimSpace(string(b))
+}
+
+// expectClosed reads until the server closes the connection.
+func expectClosed(t *testing.T, br *bufio.Reader) {
+	t.Helper()
+	rest, err := io.ReadAll(br)
+	if err != nil {
+		t.Fatalf("connection not closed by the server: %v (read %q)", err, rest)
+	}
+}
+
+func TestHTTP1KeepAliveCloseAndPipelining(t *testing.T) {
+	checkGoroutines(t)
+	addr, _ := newTestServer(t, nil, &Greeter{id: "g"})
+
+	t.Run("pipelined", func(t *testing.T) {
+		c, br := rawConn(t, addr)
+		// Three requests in one write; the replies come back in order.
+		io.WriteString(c, helloRequest("a", "")+helloRequest("b", "")+helloRequest("c", ""))
+		for _, name := range []string{"a", "b", "c"} {
+			rsp, body := readReply(t, br)
+			assertEqual(t, rsp.StatusCode, 200)
+			assertEqual(t, body, `{"message":"hello `+name+`","node":"g"}`)
+			assertEqual(t, rsp.Close, false)
+		}
+	})
+	t.Run("connection close", func(t *testing.T) {
+		c, br := rawConn(t, addr)
+		io.WriteString(c, helloRequest("a", "Connection: close\r\n"))
+		rsp, body := readReply(t, br)
+		assertEqual(t, body, `{"message":"hello a","node":"g"}`)
+		assertEqual(t, rsp.Close, true)
+		expectClosed(t, br)
+	})
+	t.Run("HTTP/1.0", func(t *testing.T) {
+		c, br := rawConn(t, addr)
+		io.WriteString(c, strings.Replace(helloRequest("old", ""), "HTTP/1.1", "HTTP/1.0", 1))
+		_, body := readReply(t, br)
+		assertEqual(t, body, `{"message":"hello old","node":"g"}`)
+		expectClosed(t, br)
+	})
+	t.Run("chunked body", func(t *testing.T) {
+		c, br := rawConn(t, addr)
+		body := `{"name":"chunky"}`
+		io.WriteString(c, "POST /Greeter/Hello HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"+
+			"Transfer-Encoding: chunked\r\n\r\n"+fmt.Sprintf("%x\r\n%s\r\n0\r\n\r\n", len(body), body))
+		rsp, got := readReply(t, br)
+		assertEqual(t, rsp.StatusCode, 200)
+		assertEqual(t, got, `{"message":"hello chunky","node":"g"}`)
+		// Served, and the connection closes after it, so that nothing can
+		// be smuggled behind a chunked body.
+		assertEqual(t, rsp.Close, true)
+		expectClosed(t, br)
+	})
+	t.Run("expect 100-continue", func(t *testing.T) {
+		c, br := rawConn(t, addr)
+		body := `{"name":"patient"}`
+		io.WriteString(c, "POST /Greeter/Hello HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"+
+			"Expect: 100-continue\r\nContent-Length: "+fmt.Sprint(len(body))+"\r\n\r\n")
+		line, err := br.ReadString('\n')
+		assertNoError(t, err)
+		assertEqual(t, line, "HTTP/1.1 100 Continue\r\n")
+		blank, _ := br.ReadString('\n')
+		assertEqual(t, blank, "\r\n")
+		io.WriteString(c, body) // only now, as curl does
+		_, got := readReply(t, br)
+		assertEqual(t, got, `{"message":"hello patient","node":"g"}`)
+	})
+	t.Run("health on the same port", func(t *testing.T) {
+		c, br := rawConn(t, addr)
+		io.WriteString(c, "GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+		rsp, body := readReply(t, br)
+		assertEqual(t, rsp.StatusCode, 200)
+		assertEqual(t, body, `{"status":"serving"}`)
+	})
+}
+
+func TestHTTP1LimitsAndSlowClients(t *testing.T) {
+	checkGoroutines(t)
+	addr, _ := newTestServer(t, []ServerOption{MaxBodySize(1024), ReadHeaderTimeout(150 * time.Millisecond)}, &Greeter{id: "g"})
+
+	t.Run("body over the limit", func(t *testing.T) {
+		c, br := rawConn(t, addr)
+		io.WriteString(c, "POST /Greeter/Hello HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 5000\r\n\r\n")
+		rsp, body := readReply(t, br)
+		assertEqual(t, rsp.StatusCode, 429)
+		if !strings.Contains(body, "resource_exhausted") {
+			t.Fatalf("body %s", body)
+		}
+		expectClosed(t, br) // the unread body cannot be skipped safely
+	})
+	t.Run("big header goes to net/http", func(t *testing.T) {
+		c, br := rawConn(t, addr)
+		io.WriteString(c, helloRequest("big", "X-Padding: "+strings.Repeat("p", 8000)+"\r\n"))
+		rsp, body := readReply(t, br)
+		assertEqual(t, rsp.StatusCode, 200)
+		assertEqual(t, body, `{"message":"hello big","node":"g"}`)
+	})
+	t.Run("header over MaxHeaderBytes", func(t *testing.T) {
+		c, br := rawConn(t, addr)
+		io.WriteString(c, helloRequest("huge", "X-Padding: "+strings.Repeat("p", 200<<10)+"\r\n"))
+		rsp, _ := readReply(t, br)
+		assertEqual(t, rsp.StatusCode, http.StatusRequestHeaderFieldsTooLarge)
+	})
+	t.Run("slowloris is cut off", func(t *testing.T) {
+		c, br := rawConn(t, addr)
+		// Half a header, then nothing: the server must hang up once the
+		// read-header timeout passes, not wait forever.
+		io.WriteString(c, "POST /Greeter/Hello HTTP/1.1\r\nHost: x\r\nContent-")
+		expectClosed(t, br)
+	})
+	t.Run("a trickling header is cut off too", func(t *testing.T) {
+		c, br := rawConn(t, addr)
+		stop := make(chan struct{})
+		defer close(stop)
+		go func() {
+			for _, b := range []byte("POST /Greeter/Hello HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa") {
+				select {
+				case <-stop:
+					return
+				case <-time.After(20 * time.Millisecond): // a byte at a time, a slow client
+				}
+				if _, err := c.Write([]byte{b}); err != nil {
+					return
+				}
+			}
+		}()
+		expectClosed(t, br)
+	})
+}
+
+func TestHTTP1SmugglingRefused(t *testing.T) {
+	checkGoroutines(t)
+	g := &Greeter{id: "g"}
+	addr, _ := newTestServer(t, nil, g)
+	// Each request hides a second one ("GET /health") in its body under one
+	// reading of the framing. A server that honours the other reading answers
+	// twice. Either the request is refused, or exactly one reply comes back.
+	smuggled := "GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+	tests := map[string]string{
+		"CL.TE": "POST /Greeter/Hello HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" +
+			"Content-Length: " + fmt.Sprint(5+len(smuggled)) + "\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n" + smuggled,
+		"TE.CL": "POST /Greeter/Hello HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" +
+			"Transfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n" + fmt.Sprintf("%x\r\n%s\r\n0\r\n\r\n", len(smuggled), smuggled),
+		"TE.TE obfuscated": "POST /Greeter/Hello HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" +
+			"Content-Length: " + fmt.Sprint(len(smuggled)) + "\r\nTransfer-Encoding : chunked\r\n\r\n" + smuggled,
+		"two lengths": "POST /Greeter/Hello HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" +
+			"Content-Length: 0\r\nContent-Length: " + fmt.Sprint(len(smuggled)) + "\r\n\r\n" + smuggled,
+		"signed length": "POST /Greeter/Hello HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" +
+			"Content-Length: +" + fmt.Sprint(len(smuggled)) + "\r\n\r\n" + smuggled,
+		"folded TE": "POST /Greeter/Hello HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" +
+			"Content-Length: " + fmt.Sprint(len(smuggled)) + "\r\nX-Fold: a\r\n Transfer-Encoding: chunked\r\n\r\n" + smuggled,
+	}
+	for name, req := range tests {
+		t.Run(name, func(t *testing.T) {
+			c, br := rawConn(t, addr)
+			io.WriteString(c, req)
+			c.CloseWrite()
+			var statuses []int
+			for {
+				rsp, err := http.ReadResponse(br, nil)
+				if err != nil {
+					break
+				}
+				io.Copy(io.Discard, rsp.Body)
+				statuses = append(statuses, rsp.StatusCode)
+			}
+			if len(statuses) > 1 {
+				t.Fatalf("smuggled a second request: replies %v", statuses)
+			}
+			if len(statuses) == 1 && statuses[0] == 200 {
+				t.Logf("answered once with 200 (the smuggled part was read as body)")
+			}
+		})
+	}
+}
+
+// closingServer answers its first request on each connection, then hangs up
+// (or, with midReply, hangs up halfway through the reply).
+func closingServer(t *testing.T, midReply bool) (string, *int) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	assertNoError(t, err)
+	var mu sync.Mutex
+	conns := 0
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			conns++
+			mu.Unlock()
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer c.Close()
+				req, err := http.ReadRequest(bufio.NewReader(c))
+				if err != nil {
+					return
+				}
+				io.Copy(io.Discard, req.Body)
+				body := `{"message":"hi","node":"closer"}`
+				reply := "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: " + fmt.Sprint(len(body)) + "\r\n\r\n" + body
+				if midReply {
+					reply = reply[:len(reply)-10]
+				}
+				io.WriteString(c, reply)
+			}()
+		}
+	}()
+	t.Cleanup(func() { ln.Close(); wg.Wait() })
+	return ln.Addr().String(), &conns
+}
+
+func TestHTTP1ClientAndClosingServers(t *testing.T) {
+	checkGoroutines(t)
+	t.Run("idle connection closed by the server: retried on a fresh one", func(t *testing.T) {
+		addr, conns := closingServer(t, false)
+		client := newTestClient(t, WithAddress(addr), Retries(0))
+		for i := 0; i < 3; i++ {
+			var rsp HelloResponse
+			assertNoError(t, client.Call(context.Background(), "x", "Greeter.Hello", &HelloRequest{}, &rsp))
+			assertEqual(t, rsp.Message, "hi")
+		}
+		assertEqual(t, *conns, 3)
+	})
+	t.Run("closed mid-reply: a clean error, not retried", func(t *testing.T) {
+		addr, conns := closingServer(t, true)
+		client := newTestClient(t, WithAddress(addr))
+		var rsp HelloResponse
+		err := client.Call(context.Background(), "x", "Greeter.Hello", &HelloRequest{}, &rsp)
+		assertCode(t, err, CodeUnavailable)
+		assertEqual(t, *conns, 1) // the handler may have run: no second try
+	})
+	t.Run("refused: retried elsewhere", func(t *testing.T) {
+		addr, _ := newTestServer(t, nil, &Greeter{id: "up"})
+		ln, _ := net.Listen("tcp", "127.0.0.1:0")
+		dead := ln.Addr().String()
+		ln.Close()
+		client := newTestClient(t, WithAddress(dead, addr), WithBalancer(NewBalancer(RoundRobin)))
+		for i := 0; i < 4; i++ {
+			var rsp HelloResponse
+			assertNoError(t, client.Call(context.Background(), "x", "Greeter.Hello", &HelloRequest{}, &rsp))
+			assertEqual(t, rsp.Node, "up")
+		}
+	})
+}
+
+func TestHTTP1NoLeaksAfterManyCanceledCalls(t *testing.T) {
+	checkGoroutines(t)
+	addr, srv := newTestServer(t, nil, &Greeter{id: "g"}, &Echo{})
+	client := NewClient(WithAddress(addr), Retries(0))
+	const workers, calls = 8, 1250
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	outcomes := map[Code]int{}
+	for w := 0; w < workers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < calls; i++ {
+				ctx, cancel := context.WithCancel(context.Background())
+				if rand.IntN(3) == 0 { // a third are canceled at a random moment
+					time.AfterFunc(time.Duration(rand.IntN(300))*time.Microsecond, cancel)
+				}
+				var rsp []byte
+				err := client.Call(ctx, "echo", "Echo.Bytes", []byte("payload"), &rsp, ContentType(ContentTypeBytes))
+				cancel()
+				if err == nil && string(rsp) != "echo:payload" {
+					t.Errorf("wrong reply %q", rsp) // a reply read off a reused connection out of step
+				}
+				mu.Lock()
+				outcomes[CodeOf(err)]++
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	for code := range outcomes {
+		if code != 0 && code != CodeCanceled {
+			t.Fatalf("outcomes %v: only success and canceled expected", outcomes)
+		}
+	}
+	t.Logf("outcomes: %v", outcomes)
+	client.Close()
+	// Every connection the client opened is gone from the server once the
+	// client has closed.
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		srv.mu.Lock()
+		n := len(srv.conns)
+		srv.mu.Unlock()
+		if n == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d server connections left open", n)
+		}
+		time.Sleep(5 * time.Millisecond) // waiting for the server to see the closes, polled
+	}
+}
+
+// FuzzHTTP1Conn writes arbitrary bytes to a real connection of the fast
+// path: every reply must parse as HTTP/1.1, and the server must go on serving.
+func FuzzHTTP1Conn(f *testing.F) {
+	f.Add([]byte(helloRequest("a", "")))
+	f.Add([]byte(helloRequest("a", "") + helloRequest("b", "Connection: close\r\n")))
+	f.Add([]byte("POST /Greeter/Hello HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"))
+	f.Add([]byte("POST /Echo/Bytes HTTP/1.1\r\nContent-Type: application/octet-stream\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nhi"))
+	f.Add([]byte("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"))
+	f.Add([]byte("GET /health HTTP/1.1\r\n\r\n"))
+	srv := NewServer(MaxBodySize(4096), ReadHeaderTimeout(time.Second), IdleTimeout(time.Second))
+	if err := RegisterHandler(srv, &Greeter{id: "f"}); err != nil {
+		f.Fatal(err)
+	}
+	if err := RegisterHandler(srv, &Echo{}); err != nil {
+		f.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		f.Fatal(err)
+	}
+	go srv.Serve(ln)
+	defer srv.Close()
+	addr := ln.Addr().String()
+	f.Fuzz(func(t *testing.T, input []byte) {
+		if bytes.Contains(input, []byte("Wait")) || bytes.Contains(input, []byte("Slow")) {
+			return // handlers that block by design
+		}
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		c.Write(input)
+		c.(*net.TCPConn).CloseWrite()
+		br := bufio.NewReader(c)
+		for {
+			if _, err := br.Peek(1); err != nil {
+				break // the server is done with this connection
+			}
+			if bytes.HasPrefix(input, []byte("PRI * HTTP/2.0")) {
+				break // HTTP/2 frames: not ours to parse here
+			}
+			rsp, err := http.ReadResponse(br, nil)
+			if err != nil {
+				var ne net.Error
+				if errors.As(err, &ne) && ne.Timeout() {
+					t.Fatalf("server neither answered nor closed: %v", err)
+				}
+				t.Fatalf("reply does not parse as HTTP/1.1: %v", err)
+			}
+			io.Copy(io.Discard, rsp.Body)
+			rsp.Body.Close()
+		}
+		// The server still serves.
+		client := NewClient(WithAddress(addr))
+		defer client.Close()
+		var rsp HelloResponse
+		if err := client.Call(context.Background(), "f", "Greeter.Hello", &HelloRequest{Name: "ok"}, &rsp); err != nil {
+			t.Fatalf("server broken after input: %v", err)
+		}
+	})
+}
