@@ -85,14 +85,22 @@ func SetHeader(ctx context.Context, key, value string) error {
 	return nil
 }
 
-// rpcCall is what a handler's context carries: the request's headers, turned
-// into metadata on first use, and the response metadata the handler sets.
-// One allocation serves both.
+// rpcCall is the context a handler runs in: its parent's values and
+// cancellation, the deadline the caller sent, the request's headers (turned
+// into metadata on first use) and the response metadata the handler sets.
+// One allocation carries all of it. A handler that never waits on Done costs
+// no timer: the deadline is checked by Err, and a real context is made only
+// when Done is first asked for (or a child context is derived).
 type rpcCall struct {
-	header http.Header
-	mu     sync.Mutex
-	in     MD
-	out    MD
+	parent   context.Context
+	deadline time.Time // from Connect-Timeout-Ms; zero: none
+	header   http.Header
+
+	mu       sync.Mutex
+	in, out  MD
+	real     context.Context // made on first Done
+	cancel   context.CancelFunc
+	finished bool // the handler returned
 }
 
 func (c *rpcCall) incoming() MD {
@@ -102,6 +110,82 @@ func (c *rpcCall) incoming() MD {
 		c.in = rpcIncomingMetadata(c.header)
 	}
 	return c.in
+}
+
+// Deadline returns the earlier of the caller's deadline and the parent's.
+func (c *rpcCall) Deadline() (time.Time, bool) {
+	pd, ok := c.parent.Deadline()
+	if c.deadline.IsZero() || (ok && pd.Before(c.deadline)) {
+		return pd, ok
+	}
+	return c.deadline, true
+}
+
+// Done returns a channel closed when the call's context ends.
+func (c *rpcCall) Done() <-chan struct{} {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.realLocked().Done()
+}
+
+func (c *rpcCall) realLocked() context.Context {
+	if c.real == nil {
+		if c.deadline.IsZero() {
+			c.real, c.cancel = context.WithCancel(c.parent)
+		} else {
+			c.real, c.cancel = context.WithDeadline(c.parent, c.deadline)
+		}
+		if c.finished {
+			c.cancel()
+		}
+	}
+	return c.real
+}
+
+// Err says why the context ended, if it has.
+func (c *rpcCall) Err() error {
+	c.mu.Lock()
+	real, finished := c.real, c.finished
+	c.mu.Unlock()
+	switch {
+	case real != nil:
+		return real.Err()
+	case c.parent.Err() != nil:
+		return c.parent.Err()
+	case !c.deadline.IsZero() && !time.Now().Before(c.deadline):
+		return context.DeadlineExceeded
+	case finished:
+		return context.Canceled
+	}
+	return nil
+}
+
+// Value returns the call itself for rpcCallKey, and otherwise defers to the
+// real context once there is one (so derived contexts hook onto it without
+// a goroutine), or to the parent.
+func (c *rpcCall) Value(key any) any {
+	if key == (rpcCallKey{}) {
+		return c
+	}
+	c.mu.Lock()
+	real := c.real
+	c.mu.Unlock()
+	if real != nil {
+		return real.Value(key)
+	}
+	return c.parent.Value(key)
+}
+
+// finish ends the context when the handler returns, as a deferred cancel of
+// context.WithTimeout would: goroutines it left behind see it canceled.
+func (c *rpcCall) finish() {
+	c.mu.Lock()
+	c.finished = true
+	cancel := c.cancel
+	c.mu.Unlock()
+	if cancel != nil {
+		cancel()
+	}
 }
 
 // Request describes a call for middleware: on the server, the call being
@@ -508,15 +592,15 @@ func (s *Server) unary(ctx context.Context, m *rpcMethod, h http.Header, raw []b
 		rep.md = MD{"Accept-Post": s.codecs.names()}
 		return rep
 	}
+	call := &rpcCall{parent: ctx, header: h}
 	if v := h.Get("Connect-Timeout-Ms"); v != "" {
 		ms, err := strconv.ParseUint(v, 10, 64)
 		if err != nil || len(v) > 10 || ms == 0 {
 			return rpcErrorReply(0, Errorf(CodeInvalidArgument, "bad Connect-Timeout-Ms %q: want 1 to 10 digits", v))
 		}
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, time.Duration(ms)*time.Millisecond)
-		defer cancel()
+		call.deadline = time.Now().Add(time.Duration(ms) * time.Millisecond)
 	}
+	defer call.finish()
 	body, err := rpcDecodeBody(raw, h.Get("Content-Encoding"), s.opts.maxBodySize)
 	if err != nil {
 		return rpcErrorReply(0, err)
@@ -525,8 +609,7 @@ func (s *Server) unary(ctx context.Context, m *rpcMethod, h http.Header, raw []b
 	if err := codec.Unmarshal(body, ptr.Interface()); err != nil {
 		return rpcErrorReply(0, Errorf(CodeInvalidArgument, "malformed %s request: %v", codec.ContentType(), err))
 	}
-	call := &rpcCall{header: h}
-	ctx = context.WithValue(ctx, rpcCallKey{}, call)
+	ctx = call
 	req := &Request{Service: s.opts.name, Endpoint: m.name, ContentType: codec.ContentType(), Body: ptr.Interface()}
 	if m.reqType.Kind() != reflect.Pointer {
 		req.Body = ptr.Elem().Interface()

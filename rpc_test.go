@@ -627,3 +627,53 @@ func TestCleartextHTTP2(t *testing.T) {
 	assertEqual(t, rsp.StatusCode, 200)
 	assertEqual(t, strings.TrimSpace(string(body)), `{"message":"hello h2","node":"h2"}`)
 }
+
+func TestCallContextSemantics(t *testing.T) {
+	checkGoroutines(t)
+	parent, cancelParent := context.WithCancel(context.Background())
+	defer cancelParent()
+	t.Run("deadline without a timer", func(t *testing.T) {
+		c := &rpcCall{parent: parent, deadline: time.Now().Add(-time.Millisecond)}
+		dl, ok := c.Deadline()
+		assertEqual(t, ok, true)
+		assertEqual(t, dl, c.deadline)
+		if !errors.Is(c.Err(), context.DeadlineExceeded) {
+			t.Fatalf("Err %v", c.Err())
+		}
+		<-c.Done() // a real context now, already expired
+		if !errors.Is(c.Err(), context.DeadlineExceeded) {
+			t.Fatalf("Err after Done %v", c.Err())
+		}
+	})
+	t.Run("children hook on and end with the handler", func(t *testing.T) {
+		c := &rpcCall{parent: parent, deadline: time.Now().Add(time.Hour), header: http.Header{"X-A": {"b"}}}
+		child, cancel := context.WithCancel(context.WithValue(c, struct{}{}, 1))
+		defer cancel()
+		md, ok := FromContext(child) // found through the children
+		assertEqual(t, ok, true)
+		assertEqual(t, md.Get("x-a"), "b")
+		assertEqual(t, c.Err(), nil)
+		c.finish()
+		<-child.Done()
+		if !errors.Is(c.Err(), context.Canceled) {
+			t.Fatalf("Err after finish %v", c.Err())
+		}
+	})
+	t.Run("parent cancellation", func(t *testing.T) {
+		p, cancel := context.WithCancel(context.Background())
+		c := &rpcCall{parent: p}
+		_, ok := c.Deadline()
+		assertEqual(t, ok, false)
+		cancel()
+		if !errors.Is(c.Err(), context.Canceled) {
+			t.Fatalf("Err %v", c.Err())
+		}
+		<-c.Done()
+		c.finish()
+	})
+	t.Run("Done after finish is closed", func(t *testing.T) {
+		c := &rpcCall{parent: parent}
+		c.finish()
+		<-c.Done()
+	})
+}
