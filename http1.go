@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -142,15 +143,11 @@ func (sc *http1ServerConn) serveOne(m *rpcMethod, expect bool) bool {
 			return false
 		}
 	}
-	if d := s.opts.readTimeout; d > 0 {
-		sc.c.SetReadDeadline(time.Now().Add(d))
+	if d := s.opts.readTimeout; d > 0 && int64(sc.br.Buffered()) < req.ContentLength {
+		sc.c.SetReadDeadline(time.Now().Add(d)) // more of the body is to come
 	}
-	// The buffer grows as the body arrives, not as the header claims.
-	bp := http1GetBuf(int(min(req.ContentLength, 64<<10)))
-	buf := bytes.NewBuffer(*bp)
-	n, err := buf.ReadFrom(io.LimitReader(sc.br, req.ContentLength))
-	*bp = buf.Bytes()
-	if err != nil || n != req.ContentLength {
+	bp := http1GetBuf(0)
+	if err := http1ReadN(sc.br, bp, req.ContentLength); err != nil {
 		http1PutBuf(bp)
 		return false
 	}
@@ -520,50 +517,61 @@ func (p *http1Client) close() {
 
 // http1Call is one call's request, as the fast path sends it.
 type http1Call struct {
-	addr, path string
-	codec      Codec
-	body       []byte
-	md         MD
-	deadline   time.Time // zero: none
+	addr     string
+	path     rpcTarget
+	codec    Codec
+	body     []byte
+	md       MD
+	deadline time.Time // zero: none
 }
 
 // roundTrip makes one attempt over the pool. A reused connection that turns
 // out dead before any byte of the reply (the server closed it while it was
 // idle, before reading our request) is replaced once by a fresh one; anything
-// else is reported. Sent says the request may have reached the server.
-func (p *http1Client) roundTrip(ctx context.Context, call *http1Call, maxRsp int64) (status int, header http.Header, body *[]byte, sent bool, err error) {
+// else is reported. Sent says the request may have reached the server. With
+// headers, the reply's headers are kept even on success.
+func (p *http1Client) roundTrip(ctx context.Context, call *http1Call, maxRsp int64, headers bool) (head http1Head, body *[]byte, sent bool, err error) {
 	for fresh := false; ; fresh = true {
 		cc, err := p.get(ctx, call.addr, call.deadline, fresh)
 		if err != nil {
-			return 0, nil, nil, false, err
+			return http1Head{}, nil, false, err
 		}
-		status, header, body, retry, sent, err := p.exchange(ctx, cc, call, maxRsp)
+		head, body, retry, sent, err := p.exchange(ctx, cc, call, maxRsp, headers)
 		if retry && !fresh && ctx.Err() == nil {
 			continue
 		}
-		return status, header, body, sent, err
+		return head, body, sent, err
 	}
+}
+
+// http1Head is what a client needs of a reply's head.
+type http1Head struct {
+	status int
+	length int64       // Content-Length; -1 if none
+	close  bool        // the server will close the connection
+	ctype  string      // media type of Content-Type, without parameters
+	header http.Header // every header, when asked for or not 200; else nil
 }
 
 // exchange sends the request on cc and reads the reply. Retry says cc was a
 // reused connection found dead before it answered; sent says the whole
 // request was written, so the server may have served it.
-func (p *http1Client) exchange(ctx context.Context, cc *http1ClientConn, call *http1Call, maxRsp int64) (status int, header http.Header, body *[]byte, retry, sent bool, err error) {
+func (p *http1Client) exchange(ctx context.Context, cc *http1ClientConn, call *http1Call, maxRsp int64, headers bool) (head http1Head, body *[]byte, retry, sent bool, err error) {
 	cc.c.SetDeadline(call.deadline)
 	var stop func() bool
 	if ctx.Done() != nil {
 		conn := cc.c
 		stop = context.AfterFunc(ctx, func() { conn.SetDeadline(http1Past) })
 	}
-	fail := func(err error, retry bool) (int, http.Header, *[]byte, bool, bool, error) {
+	fail := func(err error, retry bool) (http1Head, *[]byte, bool, bool, error) {
 		if stop != nil {
 			stop()
 		}
 		cc.c.Close()
-		return 0, nil, nil, retry && cc.reused, sent, err
+		return http1Head{}, nil, retry && cc.reused, sent, err
 	}
 
-	bp := http1GetBuf(256 + len(call.body))
+	bp := http1GetBuf(256 + min(len(call.body), 64<<10))
 	b := http1AppendRequest(*bp, call)
 	var werr error
 	if len(call.body) <= 64<<10 {
@@ -582,26 +590,27 @@ func (p *http1Client) exchange(ctx context.Context, cc *http1ClientConn, call *h
 	if _, err := cc.br.Peek(1); err != nil {
 		return fail(err, http1Stale(err))
 	}
-	rsp, err := http.ReadResponse(cc.br, nil)
-	for err == nil && rsp.StatusCode >= 100 && rsp.StatusCode < 200 { // 1xx: informational, the reply follows
-		if rsp.StatusCode == http.StatusSwitchingProtocols {
+	var pre []byte // a body net/http already read
+	for {
+		head, pre, err = http1ReadHead(cc.br, call.codec.ContentType(), headers, maxRsp)
+		if err != nil {
+			return fail(err, false)
+		}
+		if head.status >= 200 {
+			break
+		}
+		if head.status == http.StatusSwitchingProtocols { // 1xx: informational, the reply follows
 			return fail(errors.New("micro: server switched protocols"), false)
 		}
-		rsp, err = http.ReadResponse(cc.br, nil)
 	}
-	if err != nil {
-		return fail(err, false)
-	}
-	if rsp.ContentLength > maxRsp {
-		rsp.Body.Close()
+	if head.length > maxRsp {
 		return fail(Errorf(CodeResourceExhausted, "micro: response larger than %d bytes", maxRsp), false)
 	}
-	out := http1GetBuf(int(min(max(rsp.ContentLength, 0), 64<<10)))
-	buf := bytes.NewBuffer(*out)
-	n, err := buf.ReadFrom(io.LimitReader(rsp.Body, maxRsp+1))
-	*out = buf.Bytes()
-	if err == nil && n > maxRsp {
-		err = Errorf(CodeResourceExhausted, "micro: response larger than %d bytes", maxRsp)
+	out := http1GetBuf(0)
+	if pre != nil {
+		*out = append(*out, pre...)
+	} else {
+		err = http1ReadN(cc.br, out, head.length)
 	}
 	if err != nil {
 		http1PutBuf(out)
@@ -611,14 +620,201 @@ func (p *http1Client) exchange(ctx context.Context, cc *http1ClientConn, call *h
 		// The cancellation fired: the connection's deadline is spoiled.
 		http1PutBuf(out)
 		cc.c.Close()
-		return 0, nil, nil, false, true, ctx.Err()
+		return http1Head{}, nil, false, true, ctx.Err()
 	}
-	if rsp.Close || cc.br.Buffered() > 0 { // bytes past the reply: out of step, never reuse
+	if head.close || cc.br.Buffered() > 0 { // bytes past the reply: out of step, never reuse
 		cc.c.Close()
 	} else {
 		p.put(cc)
 	}
-	return rsp.StatusCode, rsp.Header, out, false, true, nil
+	return head, out, false, true, nil
+}
+
+// http1ReadHead reads a reply's status line and headers. Replies framed by
+// Content-Length (our servers' and most others') are parsed here without
+// allocating, and their body is left to read. Anything else (chunked or
+// close-delimited bodies, odd headers) goes through http.ReadResponse, whose
+// body is read here and returned as pre. The media type is wantCT itself when
+// it matches, so a normal reply costs no string.
+func http1ReadHead(br *bufio.Reader, wantCT string, headers bool, maxRsp int64) (h http1Head, pre []byte, err error) {
+	h.length = -1
+	hdr, err := http1PeekHead(br)
+	if err != nil {
+		return h, nil, err
+	}
+	if hdr != nil && http1ParseHead(hdr, wantCT, headers, &h) {
+		br.Discard(len(hdr) + 2)
+		return h, nil, nil
+	}
+	rsp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		return h, nil, err
+	}
+	defer rsp.Body.Close()
+	h = http1Head{status: rsp.StatusCode, length: rsp.ContentLength, close: rsp.Close, header: rsp.Header}
+	h.ctype = codecMediaType(rsp.Header.Get("Content-Type"))
+	if h.ctype == wantCT {
+		h.ctype = wantCT
+	}
+	if rsp.StatusCode < 200 {
+		return h, nil, nil
+	}
+	if rsp.ContentLength > maxRsp {
+		return h, nil, Errorf(CodeResourceExhausted, "micro: response larger than %d bytes", maxRsp)
+	}
+	pre, err = io.ReadAll(io.LimitReader(rsp.Body, maxRsp+1))
+	if err == nil && int64(len(pre)) > maxRsp {
+		err = Errorf(CodeResourceExhausted, "micro: response larger than %d bytes", maxRsp)
+	}
+	if pre == nil {
+		pre = []byte{}
+	}
+	h.length = int64(len(pre))
+	return h, pre, err
+}
+
+// http1PeekHead returns the buffered header block up to its final CRLF
+// (without the blank line), reading more as needed, or nil if it does not
+// fit in the buffer.
+func http1PeekHead(br *bufio.Reader) ([]byte, error) {
+	for {
+		b, _ := br.Peek(br.Buffered())
+		if i := bytes.Index(b, http1HeaderEnd); i >= 0 {
+			return b[:i+2], nil
+		}
+		if len(b) >= br.Size() {
+			return nil, nil
+		}
+		if _, err := br.Peek(len(b) + 1); err != nil {
+			return nil, err
+		}
+	}
+}
+
+// http1ParseHead parses a simple reply head into h, or returns false to let
+// net/http parse it.
+func http1ParseHead(hdr []byte, wantCT string, headers bool, h *http1Head) bool {
+	line, rest, _ := bytes.Cut(hdr, []byte("\r\n"))
+	if len(line) < 12 || line[8] != ' ' || (line[11] != ' ' && len(line) != 12) {
+		return false
+	}
+	switch string(line[:8]) {
+	case "HTTP/1.1":
+	case "HTTP/1.0":
+		h.close = true
+	default:
+		return false
+	}
+	for _, c := range line[9:12] {
+		if c < '0' || c > '9' {
+			return false
+		}
+		h.status = h.status*10 + int(c-'0')
+	}
+	if headers || h.status != http.StatusOK {
+		h.header = make(http.Header, 8)
+	}
+	for len(rest) > 0 {
+		var l []byte
+		l, rest, _ = bytes.Cut(rest, []byte("\r\n"))
+		name, value, ok := bytes.Cut(l, []byte(":"))
+		if !ok || len(name) == 0 || !http1Token(name) {
+			return false
+		}
+		value = bytes.Trim(value, " \t")
+		for _, c := range value {
+			if (c < ' ' && c != '\t') || c == 0x7f {
+				return false
+			}
+		}
+		switch {
+		case http1EqualFold(name, "content-length"):
+			if h.length >= 0 || len(value) == 0 || len(value) > 18 {
+				return false
+			}
+			h.length = 0
+			for _, c := range value {
+				if c < '0' || c > '9' {
+					return false
+				}
+				h.length = h.length*10 + int64(c-'0')
+			}
+		case http1EqualFold(name, "transfer-encoding"):
+			return false
+		case http1EqualFold(name, "connection"):
+			if bytes.Contains(bytes.ToLower(value), []byte("close")) {
+				h.close = true
+			}
+		case http1EqualFold(name, "content-type"):
+			mt, _, _ := bytes.Cut(value, []byte(";"))
+			mt = bytes.TrimSpace(mt)
+			if http1EqualFoldString(mt, wantCT) {
+				h.ctype = wantCT
+			} else {
+				h.ctype = strings.ToLower(string(mt))
+			}
+		}
+		if h.header != nil {
+			h.header.Add(string(name), string(value))
+		}
+	}
+	if h.status < 200 || h.status == http.StatusNoContent || h.status == http.StatusNotModified {
+		h.length = 0 // never a body, whatever the header says (RFC 9112 §6.3)
+		return true
+	}
+	return h.length >= 0 // no length: let net/http read it
+}
+
+// http1Token reports whether b is an HTTP token (a header name).
+func http1Token(b []byte) bool {
+	for _, c := range b {
+		if c <= ' ' || c >= 0x7f || strings.IndexByte("\"(),/:;<=>?@[\\]{}", c) >= 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// http1EqualFoldString compares b with s, ignoring ASCII case.
+func http1EqualFoldString(b []byte, s string) bool {
+	if len(b) != len(s) {
+		return false
+	}
+	for i := 0; i < len(b); i++ {
+		x, y := b[i], s[i]
+		if 'A' <= x && x <= 'Z' {
+			x += 'a' - 'A'
+		}
+		if 'A' <= y && y <= 'Z' {
+			y += 'a' - 'A'
+		}
+		if x != y {
+			return false
+		}
+	}
+	return true
+}
+
+// http1ReadN reads exactly n bytes into *bp, growing it as the bytes arrive
+// rather than trusting n up front.
+func http1ReadN(br *bufio.Reader, bp *[]byte, n int64) error {
+	b := (*bp)[:0]
+	for int64(len(b)) < n {
+		if len(b) == cap(b) {
+			b = slices.Grow(b, int(min(n-int64(len(b)), int64(max(cap(b), 4096)))))
+		}
+		m, err := br.Read(b[len(b):int(min(int64(cap(b)), n))])
+		b = b[:len(b)+m]
+		if err != nil {
+			*bp = b
+			if err == io.EOF {
+				err = io.ErrUnexpectedEOF
+			}
+			return err
+		}
+	}
+	*bp = b
+	return nil
 }
 
 // http1Stale reports whether an error on a reused connection means the server
@@ -629,8 +825,10 @@ func http1Stale(err error) bool {
 
 // http1AppendRequest appends a call's request line and headers.
 func http1AppendRequest(b []byte, call *http1Call) []byte {
-	b = append(b, "POST "...)
-	b = append(b, call.path...)
+	b = append(b, "POST /"...)
+	b = append(b, call.path.handler...)
+	b = append(b, '/')
+	b = append(b, call.path.method...)
 	b = append(b, " HTTP/1.1\r\nHost: "...)
 	b = append(b, call.addr...)
 	b = append(b, "\r\nContent-Type: "...)

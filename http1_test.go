@@ -410,3 +410,100 @@ func FuzzHTTP1Conn(f *testing.F) {
 		}
 	})
 }
+
+// cannedServer answers every request with reply, then closes.
+func cannedServer(t *testing.T, reply string) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	assertNoError(t, err)
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer c.Close()
+				req, err := http.ReadRequest(bufio.NewReader(c))
+				if err != nil {
+					return
+				}
+				io.Copy(io.Discard, req.Body)
+				io.WriteString(c, reply)
+			}()
+		}
+	}()
+	t.Cleanup(func() { ln.Close(); wg.Wait() })
+	return ln.Addr().String()
+}
+
+func TestHTTP1ClientReadsForeignReplies(t *testing.T) {
+	checkGoroutines(t)
+	body := `{"message":"hi","node":"foreign"}`
+	tests := []struct {
+		name  string
+		reply string
+		code  Code // 0: success with body
+		md    string
+	}{
+		{"plain", "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: " + fmt.Sprint(len(body)) + "\r\n\r\n" + body, 0, ""},
+		{"charset and case", "HTTP/1.1 200 OK\r\ncontent-type: Application/JSON; charset=utf-8\r\ncontent-length: " + fmt.Sprint(len(body)) + "\r\n\r\n" + body, 0, ""},
+		{"chunked", "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n" +
+			fmt.Sprintf("%x\r\n%s\r\n0\r\n\r\n", len(body), body), 0, ""},
+		{"to the end of the connection", "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n" + body, 0, ""},
+		{"HTTP/1.0", "HTTP/1.0 200 OK\r\nContent-Type: application/json\r\nContent-Length: " + fmt.Sprint(len(body)) + "\r\n\r\n" + body, 0, ""},
+		{"early hints first", "HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: " +
+			fmt.Sprint(len(body)) + "\r\n\r\n" + body, 0, ""},
+		{"trailer metadata", "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTrailer-X-Cost: 7\r\nContent-Length: " + fmt.Sprint(len(body)) + "\r\n\r\n" + body, 0, "7"},
+		{"connect error", "HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: 41\r\n\r\n" + `{"code":"not_found","message":"no such!"}`, CodeNotFound, ""},
+		{"plain 503", "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\n\r\nbusy", CodeUnavailable, ""},
+		{"wrong content type", "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 2\r\n\r\nhi", CodeInternal, ""},
+		{"garbage", "SPDY/9 what\r\n\r\n", CodeUnavailable, ""},
+		{"short body", "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 99\r\n\r\n{}", CodeUnavailable, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			addr := cannedServer(t, tt.reply)
+			client := newTestClient(t, WithAddress(addr), Retries(0))
+			var rsp HelloResponse
+			var md MD
+			err := client.Call(context.Background(), "x", "Greeter.Hello", &HelloRequest{}, &rsp, ResponseHeader(&md))
+			if tt.code != 0 {
+				assertCode(t, err, tt.code)
+				return
+			}
+			assertNoError(t, err)
+			assertEqual(t, rsp.Node, "foreign")
+			assertEqual(t, md.Get("X-Cost"), tt.md)
+		})
+	}
+}
+
+// FuzzHTTP1ReadHead checks the client's own reply parser against net/http's:
+// whatever it accepts, net/http reads the same way.
+func FuzzHTTP1ReadHead(f *testing.F) {
+	f.Add([]byte("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"))
+	f.Add([]byte("HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"))
+	f.Add([]byte("HTTP/1.1 204 No Content\r\n\r\n"))
+	f.Add([]byte("HTTP/1.1 200 OK\r\nContent-Length: 01\r\nContent-Length: 1\r\n\r\nx"))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		hdr, _ := http1PeekHead(bufio.NewReaderSize(bytes.NewReader(data), 4096))
+		var h http1Head
+		h.length = -1
+		if hdr == nil || !http1ParseHead(hdr, ContentTypeJSON, true, &h) {
+			return
+		}
+		rsp, err := http.ReadResponse(bufio.NewReader(bytes.NewReader(data)), nil)
+		if err != nil {
+			t.Fatalf("we accepted a head net/http refuses (%v): %q", err, data)
+		}
+		if rsp.StatusCode != h.status || (rsp.ContentLength != h.length && !(rsp.ContentLength == -1 && h.length == 0)) {
+			t.Fatalf("we read status %d length %d, net/http %d %d: %q", h.status, h.length, rsp.StatusCode, rsp.ContentLength, data)
+		}
+	})
+}

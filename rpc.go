@@ -459,19 +459,32 @@ func (m *rpcMethod) call(ctx context.Context, req *Request) (any, error) {
 	return out[0].Interface(), nil
 }
 
+// rpcTarget is an endpoint split for its request line: /handler/method.
+type rpcTarget struct{ handler, method string }
+
+func (t rpcTarget) String() string { return "/" + t.handler + "/" + t.method }
+
 // rpcPath maps "pkg.Greeter.Hello" to "/pkg.Greeter/Hello", or returns ""
-// for a name that is not letters, digits, '_' and dots.
+// for a name that is not letters, digits, '_' and dots. (It allocates;
+// a client call uses rpcTarget.)
 func rpcPath(endpoint string) string {
+	if !rpcValidEndpoint(endpoint) {
+		return ""
+	}
+	i := strings.LastIndexByte(endpoint, '.')
+	return "/" + endpoint[:i] + "/" + endpoint[i+1:]
+}
+
+// rpcValidEndpoint reports whether endpoint is "Handler.Method" in letters,
+// digits, '_' and dots.
+func rpcValidEndpoint(endpoint string) bool {
 	for i := 0; i < len(endpoint); i++ {
 		if c := endpoint[i]; !(c == '.' || c == '_' || '0' <= c && c <= '9' || 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z') {
-			return ""
+			return false
 		}
 	}
 	i := strings.LastIndexByte(endpoint, '.')
-	if i <= 0 || i == len(endpoint)-1 {
-		return ""
-	}
-	return "/" + endpoint[:i] + "/" + endpoint[i+1:]
+	return i > 0 && i < len(endpoint)-1
 }
 
 // Endpoints returns the registered endpoints, sorted by name.
@@ -1147,15 +1160,15 @@ func (c *Client) apply(opts []ClientOption) {
 // handler's own error with its code, or one made here (CodeUnavailable when no
 // node could be reached, CodeDeadlineExceeded when the deadline passed).
 func (c *Client) Call(ctx context.Context, service, endpoint string, req, rsp any, opts ...CallOption) error {
-	r := &Request{Service: service, Endpoint: endpoint, Body: req}
 	md, _ := ctx.Value(rpcOutgoingKey{}).(MD)
-	if len(c.opts.wrappers) > 0 { // middleware may write to it: its own copy
-		r.Header = make(MD, len(md))
-		for k, v := range md {
-			r.Header[k] = v
-		}
-	} else {
-		r.Header = md // read only, below
+	if len(c.opts.wrappers) == 0 {
+		r := Request{Service: service, Endpoint: endpoint, Body: req, Header: md} // read only, below
+		return c.callService(ctx, &r, rsp, opts...)
+	}
+	r := &Request{Service: service, Endpoint: endpoint, Body: req}
+	r.Header = make(MD, len(md)) // middleware may write to it: its own copy
+	for k, v := range md {
+		r.Header[k] = v
 	}
 	return c.call(ctx, r, rsp, opts...)
 }
@@ -1170,10 +1183,11 @@ func (c *Client) callService(ctx context.Context, req *Request, rsp any, opts ..
 	for _, opt := range opts {
 		opt.applyCall(&o)
 	}
-	path := rpcPath(req.Endpoint)
-	if path == "" {
+	if !rpcValidEndpoint(req.Endpoint) {
 		return Errorf(CodeInvalidArgument, "micro: bad endpoint %q; want \"Handler.Method\"", req.Endpoint)
 	}
+	dot := strings.LastIndexByte(req.Endpoint, '.')
+	path := rpcTarget{handler: req.Endpoint[:dot], method: req.Endpoint[dot+1:]} // no string built
 	if req.ContentType != "" {
 		o.contentType = req.ContentType
 	}
@@ -1281,7 +1295,7 @@ func (c *Client) nodes(ctx context.Context, service string, o *callOptions) ([]*
 
 // attempt makes one attempt at one node: over the HTTP/1.1 fast path, or
 // through the http.RoundTripper given with WithTransport.
-func (c *Client) attempt(ctx context.Context, deadline time.Time, addr, path string, codec Codec, body []byte, md MD, rsp any, o *callOptions) error {
+func (c *Client) attempt(ctx context.Context, deadline time.Time, addr string, path rpcTarget, codec Codec, body []byte, md MD, rsp any, o *callOptions) error {
 	if c.h1 == nil {
 		return c.roundTripHTTP(ctx, deadline, addr, path, codec, body, md, rsp, o)
 	}
@@ -1289,17 +1303,17 @@ func (c *Client) attempt(ctx context.Context, deadline time.Time, addr, path str
 	if !rpcValidAddr(addr) {
 		return Errorf(CodeInvalidArgument, "micro: bad node address %q", addr)
 	}
-	status, header, out, sent, err := c.h1.roundTrip(ctx, &call, c.opts.maxRspSize)
+	head, out, sent, err := c.h1.roundTrip(ctx, &call, c.opts.maxRspSize, o.rspHeader != nil)
 	if err != nil {
 		return rpcTransportError(ctx, deadline, addr, err, !sent)
 	}
 	defer http1PutBuf(out)
-	return c.finish(status, header, *out, codec, rsp, o)
+	return c.finish(&head, *out, codec, rsp, o)
 }
 
 // roundTripHTTP makes an attempt through net/http.
-func (c *Client) roundTripHTTP(ctx context.Context, deadline time.Time, addr, path string, codec Codec, body []byte, md MD, rsp any, o *callOptions) error {
-	hreq, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+addr+path, bytes.NewReader(body))
+func (c *Client) roundTripHTTP(ctx context.Context, deadline time.Time, addr string, path rpcTarget, codec Codec, body []byte, md MD, rsp any, o *callOptions) error {
+	hreq, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+addr+path.String(), bytes.NewReader(body))
 	if err != nil {
 		return Errorf(CodeInvalidArgument, "micro: bad address %q: %w", addr, err)
 	}
@@ -1333,20 +1347,21 @@ func (c *Client) roundTripHTTP(ctx context.Context, deadline time.Time, addr, pa
 	if n > c.opts.maxRspSize {
 		return Errorf(CodeResourceExhausted, "micro: response larger than %d bytes", c.opts.maxRspSize)
 	}
-	return c.finish(hrsp.StatusCode, hrsp.Header, buf.Bytes(), codec, rsp, o)
+	head := http1Head{status: hrsp.StatusCode, ctype: codecMediaType(hrsp.Header.Get("Content-Type")), header: hrsp.Header}
+	return c.finish(&head, buf.Bytes(), codec, rsp, o)
 }
 
 // finish turns a reply into the call's result: an error from its status and
 // body, or the decoded message.
-func (c *Client) finish(status int, header http.Header, body []byte, codec Codec, rsp any, o *callOptions) error {
+func (c *Client) finish(head *http1Head, body []byte, codec Codec, rsp any, o *callOptions) error {
 	if o.rspHeader != nil {
-		*o.rspHeader = rpcResponseMetadata(header)
+		*o.rspHeader = rpcResponseMetadata(head.header)
 	}
-	if status != http.StatusOK {
-		return rpcReadError(status, header, body)
+	if head.status != http.StatusOK {
+		return rpcReadError(head.status, head.header, body)
 	}
-	if got := codecMediaType(header.Get("Content-Type")); got != codec.ContentType() {
-		return Errorf(CodeInternal, "micro: response content type %q, want %q", got, codec.ContentType())
+	if head.ctype != codec.ContentType() {
+		return Errorf(CodeInternal, "micro: response content type %q, want %q", head.ctype, codec.ContentType())
 	}
 	if err := codec.Unmarshal(body, rsp); err != nil {
 		return Errorf(CodeInternal, "micro: decoding the response: %w", err)
@@ -1494,8 +1509,26 @@ func Retries(n int) ClientCallOption {
 // ContentType sets the codec calls are encoded with (default
 // "application/json").
 func ContentType(ct string) ClientCallOption {
+	if o, ok := rpcContentTypeOptions[ct]; ok {
+		return o
+	}
+	return rpcContentType(ct)
+}
+
+func rpcContentType(ct string) ClientCallOption {
 	return rpcOption{call: func(o *callOptions) { o.contentType = ct }}
 }
+
+// rpcContentTypeOptions are ContentType's options for the built-in types,
+// made once so that a call naming one allocates nothing. Never written after
+// init.
+var rpcContentTypeOptions = func() map[string]ClientCallOption {
+	m := map[string]ClientCallOption{}
+	for _, ct := range []string{ContentTypeJSON, ContentTypeProto, ContentTypeGob, ContentTypeBytes, ContentTypeText} {
+		m[ct] = rpcContentType(ct)
+	}
+	return m
+}()
 
 // WithMetadata adds metadata (headers) to calls.
 func WithMetadata(md MD) ClientCallOption {
