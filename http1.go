@@ -695,7 +695,7 @@ func http1PeekHead(br *bufio.Reader) ([]byte, error) {
 // net/http parse it.
 func http1ParseHead(hdr []byte, wantCT string, headers bool, h *http1Head) bool {
 	line, rest, _ := bytes.Cut(hdr, []byte("\r\n"))
-	if len(line) < 12 || line[8] != ' ' || (line[11] != ' ' && len(line) != 12) {
+	if len(line) < 12 || line[8] != ' ' || (len(line) > 12 && line[12] != ' ') {
 		return false
 	}
 	switch string(line[:8]) {

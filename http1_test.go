@@ -484,6 +484,30 @@ func TestHTTP1ClientReadsForeignReplies(t *testing.T) {
 	}
 }
 
+func TestHTTP1ParseHeadTakesOurReplies(t *testing.T) {
+	// Our server's own replies take the parser's allocation-free path.
+	for _, rep := range []rpcReply{
+		{status: 200, contentType: ContentTypeBytes, body: []byte("hi")},
+		{status: 404, contentType: ContentTypeJSON, md: MD{"X-A": "b"}, body: []byte(`{"code":"not_found"}`)},
+	} {
+		b := http1AppendReplyHeader(nil, rep, false)
+		hdr, err := http1PeekHead(bufio.NewReader(bytes.NewReader(b)))
+		assertNoError(t, err)
+		h := http1Head{length: -1}
+		if !http1ParseHead(hdr, ContentTypeBytes, false, &h) {
+			t.Fatalf("our own reply fell back to net/http: %q", b)
+		}
+		assertEqual(t, h.status, rep.status)
+		assertEqual(t, h.length, int64(len(rep.body)))
+		assertEqual(t, h.close, true)
+		if rep.status == 200 {
+			assertEqual(t, h.ctype, ContentTypeBytes)
+		} else {
+			assertEqual(t, h.header.Get("X-A"), "b")
+		}
+	}
+}
+
 // FuzzHTTP1ReadHead checks the client's own reply parser against net/http's:
 // whatever it accepts, net/http reads the same way.
 func FuzzHTTP1ReadHead(f *testing.F) {
