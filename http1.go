@@ -711,6 +711,14 @@ func http1ParseHead(hdr []byte, wantCT string, headers bool, h *http1Head) bool 
 		}
 		h.status = h.status*10 + int(c-'0')
 	}
+	if h.status < 100 {
+		return false // not a status: net/http decides what it is
+	}
+	for _, c := range line[12:] { // the reason phrase: no control bytes, no bare LF
+		if (c < ' ' && c != '\t') || c == 0x7f {
+			return false
+		}
+	}
 	if headers || h.status != http.StatusOK {
 		h.header = make(http.Header, 8)
 	}
