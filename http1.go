@@ -101,21 +101,21 @@ func (sc *http1ServerConn) serve() {
 		if d := s.opts.readHeaderTimeout; d > 0 {
 			sc.c.SetReadDeadline(time.Now().Add(d))
 		}
-		m, expect, reject, err := s.http1Classify(sc.br)
+		req, verdict, err := s.http1Classify(sc.br)
 		if err != nil {
 			sc.c.Close() // slow or broken header: cut off
 			return
 		}
-		if reject {
+		switch verdict {
+		case http1Reject:
 			io.WriteString(sc.c, "HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
 			sc.c.Close()
 			return
-		}
-		if m == nil {
+		case http1Handoff:
 			sc.handoff()
 			return
 		}
-		if !sc.serveOne(m, expect) || s.closing.Load() {
+		if !sc.serveOne(&req) || s.closing.Load() {
 			sc.c.Close()
 			return
 		}
@@ -123,37 +123,33 @@ func (sc *http1ServerConn) serve() {
 	}
 }
 
-// serveOne serves one request on the fast path and reports whether the
-// connection may carry another.
-func (sc *http1ServerConn) serveOne(m *rpcMethod, expect bool) bool {
+// serveOne serves one request on the fast path, its head already parsed by
+// http1Classify, and reports whether the connection may carry another.
+func (sc *http1ServerConn) serveOne(req *http1Request) bool {
 	s := sc.s
-	req, err := http.ReadRequest(sc.br)
-	if err != nil {
-		io.WriteString(sc.c, "HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
-		return false
-	}
+	sc.br.Discard(req.headLen)
 	limit := s.opts.maxBodySize
-	if req.ContentLength > limit {
+	if req.length > limit {
 		// The body is not read, so the connection cannot go on.
 		sc.write(rpcErrorReply(0, rpcTooBig(limit)), false)
 		return false
 	}
-	if expect {
+	if req.expect {
 		if _, err := io.WriteString(sc.c, "HTTP/1.1 100 Continue\r\n\r\n"); err != nil {
 			return false
 		}
 	}
-	if d := s.opts.readTimeout; d > 0 && int64(sc.br.Buffered()) < req.ContentLength {
+	if d := s.opts.readTimeout; d > 0 && int64(sc.br.Buffered()) < req.length {
 		sc.c.SetReadDeadline(time.Now().Add(d)) // more of the body is to come
 	}
 	bp := http1GetBuf(0)
-	if err := http1ReadN(sc.br, bp, req.ContentLength); err != nil {
+	if err := http1ReadN(sc.br, bp, req.length); err != nil {
 		http1PutBuf(bp)
 		return false
 	}
-	rep := s.unary(s.baseCtx, m, req.Header, *bp)
+	rep := s.unary(s.baseCtx, req.m, &req.head, *bp)
 	http1PutBuf(bp)
-	keep := !req.Close
+	keep := !req.close
 	return sc.write(rep, keep) && keep
 }
 
@@ -189,65 +185,153 @@ func (sc *http1ServerConn) handoff() {
 	}
 }
 
+// http1Request is a request head the fast path will serve.
+type http1Request struct {
+	m       *rpcMethod
+	headLen int   // bytes of request line and headers, blank line included
+	length  int64 // Content-Length
+	expect  bool  // Expect: 100-continue
+	close   bool  // Connection: close
+	head    rpcHead
+}
+
+// The verdicts of http1Classify.
+const (
+	http1Fast    = iota // serve it here
+	http1Handoff        // give the connection to net/http
+	http1Reject         // refuse it and close
+)
+
 // http1Classify reads ahead to the end of the next request's header block and
-// returns the endpoint when the fast path can serve it, or nil to hand the
-// connection to net/http. Reject says the framing is ambiguous (both
-// Content-Length and Transfer-Encoding: a request smuggling attempt, which
-// RFC 9112 §6.3 lets a server refuse); it is refused and the connection
-// closed. An error means the header did not arrive.
-func (s *Server) http1Classify(br *bufio.Reader) (m *rpcMethod, expect, reject bool, err error) {
-	var hdr []byte
-	for {
-		b, _ := br.Peek(br.Buffered())
-		if i := bytes.Index(b, http1HeaderEnd); i >= 0 {
-			hdr = b[:i+2]
-			break
-		}
-		if len(b) >= br.Size() {
-			return nil, false, false, nil // a big header: net/http's limits apply
-		}
-		if _, err := br.Peek(len(b) + 1); err != nil { // wait for more
-			return nil, false, false, err
-		}
+// parses it, when it is a request the fast path serves: POST HTTP/1.1 to a
+// registered endpoint, one Content-Length, a Host, every header a token and a
+// clean value, nothing folded, no Transfer-Encoding or Upgrade, Expect only
+// 100-continue, all within one buffer. Anything else is handed to net/http,
+// except ambiguous framing (Content-Length beside Transfer-Encoding: a
+// request smuggling attempt, which RFC 9112 §6.3 lets a server refuse),
+// which is refused. An error means the header did not arrive.
+func (s *Server) http1Classify(br *bufio.Reader) (req http1Request, verdict int, err error) {
+	hdr, err := http1PeekHead(br)
+	if err != nil {
+		return req, 0, err
 	}
+	if hdr == nil {
+		return req, http1Handoff, nil // a big header: net/http's limits apply
+	}
+	req.headLen = len(hdr) + 2
 	line, rest, _ := bytes.Cut(hdr, []byte("\r\n"))
-	lengths, chunked, odd := 0, false, false
+	lengths, hosts, chunked, odd, meta := 0, 0, false, false, false
 	for len(rest) > 0 {
 		var l []byte
 		l, rest, _ = bytes.Cut(rest, []byte("\r\n"))
-		if len(l) == 0 || l[0] == ' ' || l[0] == '\t' {
-			odd = true // obsolete line folding: let net/http judge
+		name, value, ok := bytes.Cut(l, []byte(":"))
+		if !ok || len(name) == 0 || !http1Token(name) {
+			odd = true // folding, a space before the colon, a bare LF: let net/http judge
 			continue
 		}
-		name, value, ok := bytes.Cut(l, []byte(":"))
+		value = bytes.Trim(value, " \t")
+		for _, c := range value {
+			if (c < ' ' && c != '\t') || c == 0x7f {
+				odd = true
+			}
+		}
 		switch {
-		case !ok:
-			odd = true
 		case http1EqualFold(name, "content-length"):
 			lengths++
+			req.length = http1ParseLength(value)
+			if req.length < 0 {
+				odd = true
+			}
 		case http1EqualFold(name, "transfer-encoding"):
 			chunked = true
+		case http1EqualFold(name, "content-type"):
+			req.head.contentType = http1Intern(value)
+		case http1EqualFold(name, "connect-timeout-ms"):
+			if ms, ok := rpcParseTimeout(string(value)); ok { // no allocation: the conversion stays on the stack
+				req.head.timeoutMS = ms
+			} else {
+				req.head.timeout = string(value) // refused in unary, with the value quoted
+			}
+		case http1EqualFold(name, "content-encoding"):
+			req.head.encoding = string(value)
+		case http1EqualFold(name, "host"):
+			hosts++
+		case http1EqualFold(name, "connection"):
+			if bytes.Contains(bytes.ToLower(value), []byte("close")) {
+				req.close = true
+			}
 		case http1EqualFold(name, "upgrade"):
 			odd = true
 		case http1EqualFold(name, "expect"):
-			if !http1EqualFold(bytes.TrimSpace(value), "100-continue") || expect {
+			if !http1EqualFold(value, "100-continue") || req.expect {
 				odd = true
 			}
-			expect = true
+			req.expect = true
+		case !http1EqualFold(name, "content-length") && !http1Protocol(name):
+			meta = true
 		}
 	}
 	if chunked && lengths > 0 {
-		return nil, false, true, nil
+		return req, http1Reject, nil
 	}
 	method, line, ok1 := bytes.Cut(line, []byte(" "))
 	target, proto, ok2 := bytes.Cut(line, []byte(" "))
-	if odd || chunked || lengths > 1 || !ok1 || !ok2 || string(method) != http.MethodPost || string(proto) != "HTTP/1.1" {
-		return nil, false, false, nil
+	if odd || chunked || lengths > 1 || hosts != 1 || !ok1 || !ok2 ||
+		string(method) != http.MethodPost || string(proto) != "HTTP/1.1" {
+		return req, http1Handoff, nil
 	}
 	s.mu.RLock()
-	m = s.methods[string(target)]
+	req.m = s.methods[string(target)]
 	s.mu.RUnlock()
-	return m, expect, false, nil
+	if req.m == nil {
+		return req, http1Handoff, nil
+	}
+	if meta { // the handler may ask for its metadata: keep the lines
+		_, lines, _ := bytes.Cut(hdr, []byte("\r\n"))
+		req.head.raw = bytes.Clone(lines)
+	}
+	return req, http1Fast, nil
+}
+
+// http1ParseLength parses a Content-Length: digits only, or -1.
+func http1ParseLength(v []byte) int64 {
+	if len(v) == 0 || len(v) > 18 {
+		return -1
+	}
+	var n int64
+	for _, c := range v {
+		if c < '0' || c > '9' {
+			return -1
+		}
+		n = n*10 + int64(c-'0')
+	}
+	return n
+}
+
+// http1Interned are header values common enough to keep one string of.
+var http1Interned = map[string]string{
+	ContentTypeJSON: ContentTypeJSON, ContentTypeProto: ContentTypeProto, ContentTypeBytes: ContentTypeBytes,
+	ContentTypeGob: ContentTypeGob, ContentTypeText: ContentTypeText, "application/json; charset=utf-8": "application/json; charset=utf-8",
+}
+
+// http1Intern returns v as a string, without allocating for common values.
+func http1Intern(v []byte) string {
+	if s, ok := http1Interned[string(v)]; ok {
+		return s
+	}
+	return string(v)
+}
+
+// http1Protocol reports whether a header name is one of the protocol's own
+// (not metadata), so a request with nothing else keeps no header bytes.
+func http1Protocol(name []byte) bool {
+	for _, p := range [...]string{"host", "content-type", "content-length", "accept", "accept-encoding",
+		"user-agent", "connect-protocol-version", "connect-timeout-ms", "connection", "te", "date"} {
+		if http1EqualFold(name, p) {
+			return true
+		}
+	}
+	return false
 }
 
 func http1EqualFold(b []byte, lower string) bool {

@@ -531,3 +531,53 @@ func FuzzHTTP1ReadHead(f *testing.F) {
 		}
 	})
 }
+
+// FuzzHTTP1Classify checks the server's own request-head parser against
+// net/http's: every request it serves on the fast path, http.ReadRequest
+// reads the same way: method, path, length, content type, deadline,
+// connection and metadata.
+func FuzzHTTP1Classify(f *testing.F) {
+	f.Add([]byte(helloRequest("a", "")))
+	f.Add([]byte(helloRequest("a", "X-Trace: 1\r\nConnect-Timeout-Ms: 250\r\nConnection: close\r\n")))
+	f.Add([]byte(helloRequest("a", "Expect: 100-continue\r\nx-a: 1\r\nX-A: 2\r\n")))
+	f.Add([]byte("POST /Greeter/Hello HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"))
+	srv := NewServer()
+	if err := RegisterHandler(srv, &Greeter{}); err != nil {
+		f.Fatal(err)
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		req, verdict, err := srv.http1Classify(bufio.NewReaderSize(bytes.NewReader(data), http1HeaderBuffer))
+		if err != nil || verdict != http1Fast {
+			return
+		}
+		hr, err := http.ReadRequest(bufio.NewReader(bytes.NewReader(data)))
+		if err != nil {
+			t.Fatalf("we serve a request net/http refuses (%v): %q", err, data)
+		}
+		switch {
+		case hr.Method != http.MethodPost || hr.URL.Path != "/Greeter/Hello" || hr.URL.RawQuery != "":
+			t.Fatalf("net/http reads %s %s: %q", hr.Method, hr.URL, data)
+		case hr.ContentLength != req.length:
+			t.Fatalf("length: ours %d, net/http %d: %q", req.length, hr.ContentLength, data)
+		case hr.Header.Get("Content-Type") != req.head.contentType:
+			t.Fatalf("content type: ours %q, net/http %q: %q", req.head.contentType, hr.Header.Get("Content-Type"), data)
+		case hr.Close != req.close:
+			t.Fatalf("close: ours %v, net/http %v: %q", req.close, hr.Close, data)
+		}
+		if v := hr.Header.Get("Connect-Timeout-Ms"); v != "" {
+			ms, ok := rpcParseTimeout(v)
+			if ok != (req.head.timeout == "") || (ok && ms != req.head.timeoutMS) {
+				t.Fatalf("timeout: ours %q/%d, net/http %q: %q", req.head.timeout, req.head.timeoutMS, v, data)
+			}
+		}
+		ours, theirs := req.head.metadata(), rpcIncomingMetadata(hr.Header)
+		if len(ours) != len(theirs) {
+			t.Fatalf("metadata: ours %v, net/http %v: %q", ours, theirs, data)
+		}
+		for k, v := range theirs {
+			if ours[k] != v {
+				t.Fatalf("metadata %s: ours %q, net/http %q: %q", k, ours[k], v, data)
+			}
+		}
+	})
+}

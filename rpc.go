@@ -94,7 +94,7 @@ func SetHeader(ctx context.Context, key, value string) error {
 type rpcCall struct {
 	parent   context.Context
 	deadline time.Time // from Connect-Timeout-Ms; zero: none
-	header   http.Header
+	head     *rpcHead
 
 	mu       sync.Mutex
 	in, out  MD
@@ -107,7 +107,7 @@ func (c *rpcCall) incoming() MD {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.in == nil {
-		c.in = rpcIncomingMetadata(c.header)
+		c.in = c.head.metadata()
 	}
 	return c.in
 }
@@ -567,7 +567,13 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		rpcWriteReply(w, rpcErrorReply(0, Errorf(CodeInvalidArgument, "reading the request body: %v", err)))
 		return
 	}
-	rpcWriteReply(w, s.unary(r.Context(), m, r.Header, buf.Bytes()))
+	head := rpcHead{
+		contentType: r.Header.Get("Content-Type"),
+		timeout:     r.Header.Get("Connect-Timeout-Ms"),
+		encoding:    r.Header.Get("Content-Encoding"),
+		header:      r.Header,
+	}
+	rpcWriteReply(w, s.unary(r.Context(), m, &head, buf.Bytes()))
 }
 
 func (s *Server) serveHealth(w http.ResponseWriter) {
@@ -591,30 +597,33 @@ type rpcReply struct {
 // unary serves a Connect unary call to m, given its headers and its body as
 // it came off the wire (compressed or not, within the size limit). It never
 // keeps raw after it returns.
-func (s *Server) unary(ctx context.Context, m *rpcMethod, h http.Header, raw []byte) (rep rpcReply) {
+func (s *Server) unary(ctx context.Context, m *rpcMethod, h *rpcHead, raw []byte) (rep rpcReply) {
 	defer func() { // a codec that panics; the handler's own panics are caught in invoke
 		if p := recover(); p != nil {
 			s.opts.logger.Error("micro: panic serving a call", "endpoint", m.name, "panic", p, "stack", string(debug.Stack()))
 			rep = rpcErrorReply(0, NewError(CodeInternal, "internal error serving "+m.name))
 		}
 	}()
-	ct := h.Get("Content-Type")
+	ct := h.contentType
 	codec := s.codecs.get(ct)
 	if codec == nil {
 		rep := rpcErrorReply(http.StatusUnsupportedMediaType, Errorf(CodeInvalidArgument, "unsupported content type %q", ct))
 		rep.md = MD{"Accept-Post": s.codecs.names()}
 		return rep
 	}
-	call := &rpcCall{parent: ctx, header: h}
-	if v := h.Get("Connect-Timeout-Ms"); v != "" {
-		ms, err := strconv.ParseUint(v, 10, 64)
-		if err != nil || len(v) > 10 || ms == 0 {
+	call := &rpcCall{parent: ctx, head: h}
+	ms := h.timeoutMS
+	if v := h.timeout; v != "" {
+		var ok bool
+		if ms, ok = rpcParseTimeout(v); !ok {
 			return rpcErrorReply(0, Errorf(CodeInvalidArgument, "bad Connect-Timeout-Ms %q: want 1 to 10 digits", v))
 		}
+	}
+	if ms > 0 {
 		call.deadline = time.Now().Add(time.Duration(ms) * time.Millisecond)
 	}
 	defer call.finish()
-	body, err := rpcDecodeBody(raw, h.Get("Content-Encoding"), s.opts.maxBodySize)
+	body, err := rpcDecodeBody(raw, h.encoding, s.opts.maxBodySize)
 	if err != nil {
 		return rpcErrorReply(0, err)
 	}
@@ -711,6 +720,55 @@ func rpcMergeMD(a, b MD) MD {
 		m[k] = v
 	}
 	return m
+}
+
+// rpcHead is what a unary call needs of its request's headers. net/http's
+// requests carry their parsed header; the fast path's carry the raw header
+// lines (only when some are metadata), parsed into metadata on first use.
+type rpcHead struct {
+	contentType string
+	timeout     string // Connect-Timeout-Ms as sent, unless parsed into timeoutMS
+	timeoutMS   uint64 // Connect-Timeout-Ms parsed (0: none)
+	encoding    string // Content-Encoding
+	header      http.Header
+	raw         []byte // "Name: value\r\n" lines
+}
+
+// metadata returns the request's metadata.
+func (h *rpcHead) metadata() MD {
+	if h.header != nil {
+		return rpcIncomingMetadata(h.header)
+	}
+	md := MD{}
+	for rest := h.raw; len(rest) > 0; {
+		var l []byte
+		l, rest, _ = bytes.Cut(rest, []byte("\r\n"))
+		name, value, ok := bytes.Cut(l, []byte(":"))
+		if !ok {
+			continue
+		}
+		k := textproto.CanonicalMIMEHeaderKey(string(name))
+		if _, seen := md[k]; seen || rpcReservedHeaders[k] || strings.HasPrefix(k, "Connect-") {
+			continue // the first value counts, as with http.Header.Get
+		}
+		md[k] = string(bytes.Trim(value, " \t"))
+	}
+	return md
+}
+
+// rpcParseTimeout parses Connect-Timeout-Ms: 1 to 10 digits, not zero.
+func rpcParseTimeout(v string) (uint64, bool) {
+	if len(v) == 0 || len(v) > 10 {
+		return 0, false
+	}
+	var ms uint64
+	for i := 0; i < len(v); i++ {
+		if v[i] < '0' || v[i] > '9' {
+			return 0, false
+		}
+		ms = ms*10 + uint64(v[i]-'0')
+	}
+	return ms, ms > 0
 }
 
 // rpcReservedHeaders are protocol headers, not call metadata.

@@ -633,7 +633,7 @@ func TestCallContextSemantics(t *testing.T) {
 	parent, cancelParent := context.WithCancel(context.Background())
 	defer cancelParent()
 	t.Run("deadline without a timer", func(t *testing.T) {
-		c := &rpcCall{parent: parent, deadline: time.Now().Add(-time.Millisecond)}
+		c := &rpcCall{parent: parent, deadline: time.Now().Add(-time.Millisecond), head: &rpcHead{}}
 		dl, ok := c.Deadline()
 		assertEqual(t, ok, true)
 		assertEqual(t, dl, c.deadline)
@@ -646,7 +646,7 @@ func TestCallContextSemantics(t *testing.T) {
 		}
 	})
 	t.Run("children hook on and end with the handler", func(t *testing.T) {
-		c := &rpcCall{parent: parent, deadline: time.Now().Add(time.Hour), header: http.Header{"X-A": {"b"}}}
+		c := &rpcCall{parent: parent, deadline: time.Now().Add(time.Hour), head: &rpcHead{header: http.Header{"X-A": {"b"}}}}
 		child, cancel := context.WithCancel(context.WithValue(c, struct{}{}, 1))
 		defer cancel()
 		md, ok := FromContext(child) // found through the children
@@ -661,7 +661,7 @@ func TestCallContextSemantics(t *testing.T) {
 	})
 	t.Run("parent cancellation", func(t *testing.T) {
 		p, cancel := context.WithCancel(context.Background())
-		c := &rpcCall{parent: p}
+		c := &rpcCall{parent: p, head: &rpcHead{}}
 		_, ok := c.Deadline()
 		assertEqual(t, ok, false)
 		cancel()
@@ -672,7 +672,7 @@ func TestCallContextSemantics(t *testing.T) {
 		c.finish()
 	})
 	t.Run("Done after finish is closed", func(t *testing.T) {
-		c := &rpcCall{parent: parent}
+		c := &rpcCall{parent: parent, head: &rpcHead{}}
 		c.finish()
 		<-c.Done()
 	})
