@@ -52,7 +52,11 @@
 // ([FromContext], [NewContext], [SetHeader]). Every error that crosses the
 // wire is an [*Error] with one of sixteen [Code]s.
 //
-// [HandlerWrapper] and [CallWrapper] are middleware for servers and clients.
+// Unary calls over HTTP/1.1 take a fast path (one write a call, replies
+// parsed in the calling goroutine, requests served from each connection's own
+// goroutine); HTTP/2, /health and everything else on the port is served by
+// net/http. [HandlerWrapper] and [CallWrapper] are middleware for servers and
+// clients.
 //
 // # Codecs
 //
@@ -65,9 +69,10 @@
 // process. The client caches lookups, refreshes them from a watch, and shares
 // one lookup among concurrent misses. A [Balancer] picks the node for each
 // attempt; the default, [NodeBalancer] with [LeastInFlight], ejects nodes that
-// keep failing and probes them back. Calls that fail to reach a node, or get
-// [CodeUnavailable], are retried on another node within the deadline and a
-// retry budget; application errors never are.
+// keep failing and probes them back. A call that was never served (the node
+// refused the connection, or answered [CodeUnavailable]) is retried on
+// another node within the deadline and a retry budget; a call that may have
+// run, and an application error, never are.
 package micro
 
 import (
