@@ -334,16 +334,20 @@ func http1Protocol(name []byte) bool {
 	return false
 }
 
-func http1EqualFold(b []byte, lower string) bool {
-	if len(b) != len(lower) {
+// http1EqualFold compares b with s, ignoring ASCII case.
+func http1EqualFold(b []byte, s string) bool {
+	if len(b) != len(s) {
 		return false
 	}
 	for i := 0; i < len(b); i++ {
-		c := b[i]
-		if 'A' <= c && c <= 'Z' {
-			c += 'a' - 'A'
+		x, y := b[i], s[i]
+		if 'A' <= x && x <= 'Z' {
+			x += 'a' - 'A'
 		}
-		if c != lower[i] {
+		if 'A' <= y && y <= 'Z' {
+			y += 'a' - 'A'
+		}
+		if x != y {
 			return false
 		}
 	}
@@ -403,8 +407,7 @@ func http1ValidHeader(k, v string) bool {
 		return false
 	}
 	for i := 0; i < len(k); i++ {
-		c := k[i]
-		if c <= ' ' || c >= 0x7f || strings.IndexByte("\"(),/:;<=>?@[\\]{}", c) >= 0 {
+		if !http1TokenChar[k[i]] {
 			return false
 		}
 	}
@@ -840,7 +843,7 @@ func http1ParseHead(hdr []byte, wantCT string, headers bool, h *http1Head) bool 
 		case http1EqualFold(name, "content-type"):
 			mt, _, _ := bytes.Cut(value, []byte(";"))
 			mt = bytes.TrimSpace(mt)
-			if http1EqualFoldString(mt, wantCT) {
+			if http1EqualFold(mt, wantCT) {
 				h.ctype = wantCT
 			} else {
 				h.ctype = strings.ToLower(string(mt))
@@ -860,32 +863,21 @@ func http1ParseHead(hdr []byte, wantCT string, headers bool, h *http1Head) bool 
 // http1Token reports whether b is an HTTP token (a header name).
 func http1Token(b []byte) bool {
 	for _, c := range b {
-		if c <= ' ' || c >= 0x7f || strings.IndexByte("\"(),/:;<=>?@[\\]{}", c) >= 0 {
+		if !http1TokenChar[c] {
 			return false
 		}
 	}
 	return true
 }
 
-// http1EqualFoldString compares b with s, ignoring ASCII case.
-func http1EqualFoldString(b []byte, s string) bool {
-	if len(b) != len(s) {
-		return false
+// http1TokenChar marks the bytes a token may hold (RFC 9110 §5.6.2). Never
+// written after init.
+var http1TokenChar = func() (t [256]bool) {
+	for c := '!'; c <= '~'; c++ {
+		t[c] = !strings.ContainsRune("\"(),/:;<=>?@[\\]{}", c)
 	}
-	for i := 0; i < len(b); i++ {
-		x, y := b[i], s[i]
-		if 'A' <= x && x <= 'Z' {
-			x += 'a' - 'A'
-		}
-		if 'A' <= y && y <= 'Z' {
-			y += 'a' - 'A'
-		}
-		if x != y {
-			return false
-		}
-	}
-	return true
-}
+	return t
+}()
 
 // http1ReadN reads exactly n bytes into *bp, growing it as the bytes arrive
 // rather than trusting n up front.

@@ -217,14 +217,12 @@ func TestHTTP1SmugglingRefused(t *testing.T) {
 	}
 }
 
-// closingServer answers its first request on each connection, then hangs up
-// (or, with midReply, hangs up halfway through the reply).
-func closingServer(t *testing.T, midReply bool) (string, *int) {
+// fakeServer runs reply for the first request on each connection it
+// accepts, then closes the connection.
+func fakeServer(t *testing.T, reply func(c net.Conn)) string {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	assertNoError(t, err)
-	var mu sync.Mutex
-	conns := 0
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() {
@@ -234,9 +232,6 @@ func closingServer(t *testing.T, midReply bool) (string, *int) {
 			if err != nil {
 				return
 			}
-			mu.Lock()
-			conns++
-			mu.Unlock()
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
@@ -246,17 +241,37 @@ func closingServer(t *testing.T, midReply bool) (string, *int) {
 					return
 				}
 				io.Copy(io.Discard, req.Body)
-				body := `{"message":"hi","node":"closer"}`
-				reply := "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: " + fmt.Sprint(len(body)) + "\r\n\r\n" + body
-				if midReply {
-					reply = reply[:len(reply)-10]
-				}
-				io.WriteString(c, reply)
+				reply(c)
 			}()
 		}
 	}()
 	t.Cleanup(func() { ln.Close(); wg.Wait() })
-	return ln.Addr().String(), &conns
+	return ln.Addr().String()
+}
+
+// closingServer answers its first request on each connection, then hangs up
+// (or, with midReply, hangs up halfway through the reply). It counts the
+// connections.
+func closingServer(t *testing.T, midReply bool) (string, func() int) {
+	t.Helper()
+	var mu sync.Mutex
+	conns := 0
+	body := `{"message":"hi","node":"closer"}`
+	reply := "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: " + fmt.Sprint(len(body)) + "\r\n\r\n" + body
+	if midReply {
+		reply = reply[:len(reply)-10]
+	}
+	addr := fakeServer(t, func(c net.Conn) {
+		mu.Lock()
+		conns++
+		mu.Unlock()
+		io.WriteString(c, reply)
+	})
+	return addr, func() int {
+		mu.Lock()
+		defer mu.Unlock()
+		return conns
+	}
 }
 
 func TestHTTP1ClientAndClosingServers(t *testing.T) {
@@ -269,7 +284,7 @@ func TestHTTP1ClientAndClosingServers(t *testing.T) {
 			assertNoError(t, client.Call(context.Background(), "x", "Greeter.Hello", &HelloRequest{}, &rsp))
 			assertEqual(t, rsp.Message, "hi")
 		}
-		assertEqual(t, *conns, 3)
+		assertEqual(t, conns(), 3)
 	})
 	t.Run("closed mid-reply: a clean error, not retried", func(t *testing.T) {
 		addr, conns := closingServer(t, true)
@@ -277,7 +292,7 @@ func TestHTTP1ClientAndClosingServers(t *testing.T) {
 		var rsp HelloResponse
 		err := client.Call(context.Background(), "x", "Greeter.Hello", &HelloRequest{}, &rsp)
 		assertCode(t, err, CodeUnavailable)
-		assertEqual(t, *conns, 1) // the handler may have run: no second try
+		assertEqual(t, conns(), 1) // the handler may have run: no second try
 	})
 	t.Run("refused: retried elsewhere", func(t *testing.T) {
 		addr, _ := newTestServer(t, nil, &Greeter{id: "up"})
@@ -413,33 +428,7 @@ func FuzzHTTP1Conn(f *testing.F) {
 
 // cannedServer answers every request with reply, then closes.
 func cannedServer(t *testing.T, reply string) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	assertNoError(t, err)
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				req, err := http.ReadRequest(bufio.NewReader(c))
-				if err != nil {
-					return
-				}
-				io.Copy(io.Discard, req.Body)
-				io.WriteString(c, reply)
-			}()
-		}
-	}()
-	t.Cleanup(func() { ln.Close(); wg.Wait() })
-	return ln.Addr().String()
+	return fakeServer(t, func(c net.Conn) { io.WriteString(c, reply) })
 }
 
 func TestHTTP1ClientReadsForeignReplies(t *testing.T) {
