@@ -283,8 +283,8 @@ func (s *Server) http1Classify(br *bufio.Reader) (req http1Request, verdict int,
 	s.mu.RLock()
 	req.m = s.methods[string(target)]
 	s.mu.RUnlock()
-	if req.m == nil {
-		return req, http1Handoff, nil
+	if req.m == nil || req.m.stream != streamNone {
+		return req, http1Handoff, nil // streams are served by net/http
 	}
 	if meta { // the handler may ask for its metadata: keep the lines
 		_, lines, _ := bytes.Cut(hdr, []byte("\r\n"))

@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"net/textproto"
@@ -250,6 +251,7 @@ type serverOptions struct {
 	idleTimeout       time.Duration
 	maxHeaderBytes    int
 	wrappers          []HandlerWrapper
+	streamWrappers    []StreamWrapper
 	codecs            []Codec
 	logger            *slog.Logger
 }
@@ -262,6 +264,7 @@ type rpcMethod struct {
 	reqType reflect.Type
 	rspType reflect.Type // for the (ctx, req, rsp) form; nil for the returning form
 	handler HandlerFunc  // fn behind the server's wrappers
+	stream  int          // streamNone, streamBidi or streamServer
 }
 
 // NewServer returns a server with the options.
@@ -398,9 +401,17 @@ func RegisterHandler(s *Server, h any, opts ...HandlerOption) error {
 		m.wrap(s.opts.wrappers)
 		s.methods[rpcPath(m.name)] = m
 		e := &Endpoint{Name: m.name, Request: m.reqType.String(), Metadata: o.meta}
-		if m.rspType != nil {
+		switch {
+		case m.stream != streamNone:
+			e.Metadata = maps.Clone(o.meta)
+			if e.Metadata == nil {
+				e.Metadata = map[string]string{}
+			}
+			e.Metadata["stream"] = map[int]string{streamBidi: "bidi", streamServer: "server"}[m.stream]
+			e.Response = streamType.String()
+		case m.rspType != nil:
 			e.Response = m.rspType.String()
-		} else {
+		default:
 			e.Response = m.fn.Type().Out(0).String()
 		}
 		s.endpoints = append(s.endpoints, e)
@@ -411,9 +422,16 @@ func RegisterHandler(s *Server, h any, opts ...HandlerOption) error {
 
 func rpcNewMethod(name string, recv reflect.Value, m reflect.Method) (*rpcMethod, error) {
 	mt := m.Type
-	want := "want func(ctx context.Context, req *Req, rsp *Rsp) error or func(ctx context.Context, req *Req) (*Rsp, error)"
-	rm := &rpcMethod{name: name, recv: recv, fn: m.Func}
+	want := "want func(ctx context.Context, req *Req, rsp *Rsp) error, func(ctx context.Context, req *Req) (*Rsp, error), " +
+		"func(ctx context.Context, stream *micro.Stream) error or func(ctx context.Context, req *Req, stream *micro.Stream) error"
+	rm := &rpcMethod{name: name, recv: recv, fn: m.Func, stream: streamKind(mt)}
 	switch {
+	case rm.stream == streamBidi:
+		rm.reqType = streamType
+		return rm, nil
+	case rm.stream == streamServer:
+		rm.reqType = mt.In(2)
+		return rm, nil
 	case mt.NumIn() == 4 && mt.NumOut() == 1:
 		if mt.Out(0) != rpcErrorType {
 			return nil, fmt.Errorf("method %s returns %s; %s", m.Name, mt.Out(0), want)
@@ -541,6 +559,10 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		rep := rpcErrorReply(http.StatusMethodNotAllowed, Errorf(CodeUnimplemented, "method %s not allowed; use POST", r.Method))
 		rep.md = MD{"Allow": http.MethodPost}
 		rpcWriteReply(w, rep)
+		return
+	}
+	if m.stream != streamNone || strings.HasPrefix(codecMediaType(r.Header.Get("Content-Type")), "application/connect+") {
+		s.serveStream(w, r, m)
 		return
 	}
 	limit := s.opts.maxBodySize
@@ -1126,6 +1148,8 @@ type Client struct {
 	codecs *codecSet
 	hc     *http.Client // with WithTransport; else the fast path h1
 	h1     *http1Client
+	h2     *http.Client // streams: h2c, made on first use
+	h2once sync.Once
 	cache  *registryCache
 	budget *balancerRetryBudget
 	call   CallFunc
@@ -1133,15 +1157,16 @@ type Client struct {
 }
 
 type clientOptions struct {
-	registry   Registry
-	balancer   Balancer
-	transport  http.RoundTripper
-	wrappers   []CallWrapper
-	codecs     []Codec
-	logger     *slog.Logger
-	maxRspSize int64
-	cacheTTL   time.Duration
-	call       callOptions // defaults for every call
+	registry       Registry
+	balancer       Balancer
+	transport      http.RoundTripper
+	wrappers       []CallWrapper
+	streamWrappers []StreamCallWrapper
+	codecs         []Codec
+	logger         *slog.Logger
+	maxRspSize     int64
+	cacheTTL       time.Duration
+	call           callOptions // defaults for every call
 }
 
 type callOptions struct {
@@ -1467,6 +1492,10 @@ func (c *Client) Close() error {
 	}
 	if c.hc != nil {
 		c.hc.CloseIdleConnections()
+	}
+	c.h2once.Do(func() {}) // no stream client after Close
+	if c.h2 != nil {
+		c.h2.CloseIdleConnections()
 	}
 	return nil
 }

@@ -1,0 +1,695 @@
+package micro
+
+import (
+	"context"
+	"encoding/base64"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"reflect"
+	"runtime/debug"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+)
+
+// Streaming RPC over the Connect streaming protocol
+// (https://connectrpc.com/docs/protocol#streaming-rpcs): a POST with
+// Content-Type application/connect+<codec> whose bodies are envelopes (a
+// flags byte, a big-endian uint32 length, the message), the response ending
+// with an end-of-stream envelope that carries the error and trailers as JSON.
+// Streams run over HTTP/2 (cleartext h2c on our ports), where each stream
+// has its own flow control: a slow reader holds up its writer, no message is
+// queued without bound, and one stream's failure leaves the others on the
+// connection alone.
+
+// Stream is one streaming call, seen from either end.
+//
+// On the server, a handler of the form
+//
+//	func (h *T) Chat(ctx context.Context, stream *micro.Stream) error
+//
+// serves client-, server- and bidirectional streams: Recv reads the
+// caller's messages (io.EOF once the caller has closed its side) and Send
+// writes replies. A server-streaming handler may take its one request as an
+// argument instead:
+//
+//	func (h *T) Watch(ctx context.Context, req *Req, stream *micro.Stream) error
+//
+// Returning ends the stream, sending the error (with its code) or success.
+//
+// On the client, [Client.Stream] opens one; Send writes, CloseSend closes the
+// sending side, and Recv reads until io.EOF (the handler returned nil) or the
+// handler's error. A Stream is done when Recv has returned an error or Close
+// was called; Close releases it early.
+//
+// One goroutine may Send while another Recvs; two may not Send (or Recv) at
+// once.
+type Stream struct {
+	ctx    context.Context
+	cancel context.CancelFunc
+	codec  Codec
+	max    int64 // the largest message either way
+
+	// reading
+	r      io.Reader
+	rhdr   [5]byte
+	rbuf   []byte
+	header MD // the response's headers (client)
+	rmu    sync.Mutex
+	rerr   error // the result once the stream has ended, for every later Recv
+	trail  MD    // end-of-stream metadata (client: received; server: to send)
+
+	// writing
+	wmu     sync.Mutex
+	w       io.Writer
+	flush   func() error // server: push what was written
+	pw      *io.PipeWriter
+	wclosed bool
+	wbuf    []byte
+
+	server bool
+	done   func(error) // client: the balancer's report
+	body   io.Closer   // client: the response body
+	once   sync.Once
+}
+
+// streamMaxMessage is the default limit on one message (4 MiB).
+const streamMaxMessage = 4 << 20
+
+// Context returns the stream's context: on the server the call's (it ends
+// when the caller goes away or its deadline passes), on the client the one
+// the stream was opened with.
+func (s *Stream) Context() context.Context { return s.ctx }
+
+// Header returns the metadata the server sent when the stream opened
+// (client side).
+func (s *Stream) Header() MD { return s.header }
+
+// Trailer returns the metadata the server sent at the end of the stream,
+// once Recv has returned io.EOF or an error (client side).
+func (s *Stream) Trailer() MD {
+	s.rmu.Lock()
+	defer s.rmu.Unlock()
+	return s.trail
+}
+
+// SetTrailer adds metadata the caller receives at the end of the stream
+// (server side; before the handler returns).
+func (s *Stream) SetTrailer(key, value string) {
+	s.rmu.Lock()
+	defer s.rmu.Unlock()
+	if s.trail == nil {
+		s.trail = MD{}
+	}
+	s.trail.Set(key, value)
+}
+
+// Send encodes msg and writes it to the peer. It blocks while the peer is
+// not reading (flow control). On the client it returns io.EOF once the
+// stream has ended; Recv then tells how.
+func (s *Stream) Send(msg any) error {
+	b, err := s.codec.Marshal(msg)
+	if err != nil {
+		return Errorf(CodeInternal, "micro: encoding a stream message: %w", err)
+	}
+	if int64(len(b)) > s.max {
+		return Errorf(CodeResourceExhausted, "micro: stream message of %d bytes, larger than %d", len(b), s.max)
+	}
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	if s.wclosed {
+		return Errorf(CodeFailedPrecondition, "micro: Send after CloseSend")
+	}
+	s.wbuf = streamAppendEnvelope(s.wbuf[:0], 0, b)
+	if _, err := s.w.Write(s.wbuf); err != nil {
+		if !s.server {
+			return io.EOF
+		}
+		return streamWireError(s.ctx, err)
+	}
+	if s.flush != nil {
+		if err := s.flush(); err != nil {
+			return streamWireError(s.ctx, err)
+		}
+	}
+	return nil
+}
+
+// CloseSend closes the client's sending side: the handler's Recv returns
+// io.EOF after the last message. It is idempotent. Servers end their side by
+// returning from the handler.
+func (s *Stream) CloseSend() error {
+	if s.server {
+		return errors.New("micro: CloseSend on a server stream; return from the handler instead")
+	}
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	if !s.wclosed {
+		s.wclosed = true
+		s.pw.Close()
+	}
+	return nil
+}
+
+// Recv reads the next message into msg. It returns io.EOF when the peer has
+// finished cleanly (the caller closed its side, or the handler returned
+// nil), and the peer's error (an *Error with its code) otherwise.
+func (s *Stream) Recv(msg any) error {
+	s.rmu.Lock()
+	if s.rerr != nil {
+		err := s.rerr
+		s.rmu.Unlock()
+		return err
+	}
+	s.rmu.Unlock()
+	flags, data, err := streamReadEnvelope(s.r, &s.rhdr, &s.rbuf, s.max)
+	switch {
+	case err == io.EOF && s.server:
+		return s.end(io.EOF) // the caller closed its side
+	case err == io.EOF:
+		return s.end(Errorf(CodeInternal, "micro: stream ended without an end-of-stream message"))
+	case err != nil:
+		var e *Error
+		if errors.As(err, &e) {
+			return s.end(e)
+		}
+		return s.end(streamWireError(s.ctx, err))
+	case flags&streamFlagEnd != 0:
+		if s.server {
+			return s.end(Errorf(CodeInvalidArgument, "micro: end-of-stream flag from a client"))
+		}
+		return s.end(s.readEnd(data))
+	case flags&streamFlagCompressed != 0:
+		return s.end(Errorf(CodeUnimplemented, "micro: compressed stream messages are not supported"))
+	}
+	if err := s.codec.Unmarshal(data, msg); err != nil {
+		code := CodeInternal
+		if s.server {
+			code = CodeInvalidArgument
+		}
+		return Errorf(code, "micro: decoding a stream message: %v", err)
+	}
+	return nil
+}
+
+// end records the stream's result (every later Recv returns it) and, on the
+// client, releases the stream.
+func (s *Stream) end(err error) error {
+	s.rmu.Lock()
+	if s.rerr == nil {
+		s.rerr = err
+	}
+	err = s.rerr
+	s.rmu.Unlock()
+	if !s.server {
+		s.release(err)
+	}
+	return err
+}
+
+// readEnd parses an end-of-stream message: nil for success (returned as
+// io.EOF), or the error.
+func (s *Stream) readEnd(data []byte) error {
+	var end streamEnd
+	if err := json.Unmarshal(data, &end); err != nil {
+		return Errorf(CodeInternal, "micro: malformed end-of-stream message: %v", err)
+	}
+	md := MD{}
+	for k, vs := range end.Metadata {
+		if len(vs) > 0 {
+			md.Set(k, vs[0])
+		}
+	}
+	s.rmu.Lock()
+	s.trail = md
+	s.rmu.Unlock()
+	if end.Error == nil {
+		return io.EOF
+	}
+	e := &Error{Message: end.Error.Message, Meta: md}
+	code, ok := ParseCode(end.Error.Code)
+	if !ok {
+		code = CodeUnknown
+	}
+	e.Code = code
+	for _, d := range end.Error.Details {
+		if v, err := base64.RawStdEncoding.DecodeString(strings.TrimRight(d.Value, "=")); err == nil {
+			e.Details = append(e.Details, ErrorDetail{Type: d.Type, Value: v})
+		}
+	}
+	return e
+}
+
+// Close ends a client stream early: the server's context is canceled and
+// the stream's resources released. It is idempotent, and not needed once
+// Recv has returned an error or io.EOF.
+func (s *Stream) Close() error {
+	if s.server {
+		return nil
+	}
+	s.end(Errorf(CodeCanceled, "micro: stream closed"))
+	return nil
+}
+
+// release frees a client stream once: the request is canceled, the body
+// closed, the balancer told.
+func (s *Stream) release(err error) {
+	s.once.Do(func() {
+		s.cancel()
+		s.pw.CloseWithError(io.ErrClosedPipe)
+		if s.body != nil {
+			s.body.Close()
+		}
+		if s.done != nil {
+			if errors.Is(err, io.EOF) {
+				err = nil
+			}
+			s.done(err)
+		}
+	})
+}
+
+// streamEnd is the end-of-stream message.
+type streamEnd struct {
+	Error    *rpcWireError       `json:"error,omitempty"`
+	Metadata map[string][]string `json:"metadata,omitempty"`
+}
+
+// The envelope flags.
+const (
+	streamFlagCompressed = 0x01
+	streamFlagEnd        = 0x02
+)
+
+func streamAppendEnvelope(b []byte, flags byte, msg []byte) []byte {
+	b = append(b, flags, 0, 0, 0, 0)
+	binary.BigEndian.PutUint32(b[len(b)-4:], uint32(len(msg)))
+	return append(b, msg...)
+}
+
+// streamReadEnvelope reads one envelope. A clean end before it starts is
+// io.EOF; a torn one, or one larger than limit, is an *Error. The message is
+// read into *buf, grown as its bytes arrive.
+func streamReadEnvelope(r io.Reader, hdr *[5]byte, buf *[]byte, limit int64) (flags byte, msg []byte, err error) {
+	if _, err := io.ReadFull(r, hdr[:]); err != nil {
+		if err == io.EOF {
+			return 0, nil, io.EOF
+		}
+		if err == io.ErrUnexpectedEOF {
+			return 0, nil, Errorf(CodeInvalidArgument, "micro: truncated stream envelope")
+		}
+		return 0, nil, err
+	}
+	n := int64(binary.BigEndian.Uint32(hdr[1:]))
+	if n > limit {
+		return 0, nil, Errorf(CodeResourceExhausted, "micro: stream message of %d bytes, larger than %d", n, limit)
+	}
+	b := (*buf)[:0]
+	for int64(len(b)) < n {
+		if len(b) == cap(b) {
+			b = append(b[:cap(b)], make([]byte, min(n-int64(len(b)), int64(max(cap(b), 4096))))...)[:len(b)]
+		}
+		m, err := r.Read(b[len(b):int(min(int64(cap(b)), n))])
+		b = b[:len(b)+m]
+		if err != nil && int64(len(b)) < n {
+			*buf = b
+			if err == io.EOF || err == io.ErrUnexpectedEOF {
+				return 0, nil, Errorf(CodeInvalidArgument, "micro: truncated stream message")
+			}
+			return 0, nil, err
+		}
+	}
+	*buf = b
+	return hdr[0], b, nil
+}
+
+// streamWireError reports a broken stream: the context's error if it ended,
+// otherwise unavailable.
+func streamWireError(ctx context.Context, err error) error {
+	if ctx.Err() != nil {
+		return &Error{Code: CodeOf(ctx.Err()), Message: ctx.Err().Error(), cause: err}
+	}
+	return &Error{Code: CodeUnavailable, Message: "micro: stream broken: " + err.Error(), cause: err}
+}
+
+// streamCodecName is the codec's name in a streaming content type:
+// application/json → json, text/plain → plain.
+func streamCodecName(contentType string) string {
+	_, name, _ := strings.Cut(contentType, "/")
+	return name
+}
+
+// streamCodec returns the codec for application/connect+<name>, or nil.
+func streamCodec(set *codecSet, contentType string) Codec {
+	name, ok := strings.CutPrefix(codecMediaType(contentType), "application/connect+")
+	if !ok || name == "" {
+		return nil
+	}
+	if c := set.get("application/" + name); c != nil {
+		return c
+	}
+	return set.get("text/" + name)
+}
+
+// StreamHandlerFunc serves a stream; for a server-streaming endpoint,
+// req.Body holds the one request.
+type StreamHandlerFunc func(ctx context.Context, req *Request, stream *Stream) error
+
+// StreamWrapper is server middleware for streams, as HandlerWrapper is for
+// unary calls.
+type StreamWrapper func(StreamHandlerFunc) StreamHandlerFunc
+
+// StreamCallFunc opens a stream.
+type StreamCallFunc func(ctx context.Context, req *Request, opts ...CallOption) (*Stream, error)
+
+// StreamCallWrapper is client middleware for streams, as CallWrapper is for
+// unary calls.
+type StreamCallWrapper func(StreamCallFunc) StreamCallFunc
+
+// WrapStream adds server middleware for streams.
+func WrapStream(w ...StreamWrapper) ServerOption {
+	return rpcOption{server: func(o *serverOptions) { o.streamWrappers = append(o.streamWrappers, w...) }}
+}
+
+// WrapStreamCall adds client middleware for streams.
+func WrapStreamCall(w ...StreamCallWrapper) ClientOption {
+	return rpcOption{client: func(o *clientOptions) { o.streamWrappers = append(o.streamWrappers, w...) }}
+}
+
+// The kinds of endpoint.
+const (
+	streamNone   = iota // unary
+	streamBidi          // func(ctx, *Stream) error: client, server or both
+	streamServer        // func(ctx, *Req, *Stream) error
+)
+
+var streamType = reflect.TypeFor[*Stream]()
+
+// streamKind tells a method's stream form, if it has one.
+func streamKind(mt reflect.Type) int {
+	switch {
+	case mt.NumIn() == 3 && mt.In(2) == streamType && mt.NumOut() == 1 && mt.Out(0) == rpcErrorType:
+		return streamBidi
+	case mt.NumIn() == 4 && mt.In(3) == streamType && mt.NumOut() == 1 && mt.Out(0) == rpcErrorType:
+		return streamServer
+	}
+	return streamNone
+}
+
+// callStream invokes a stream method.
+func (m *rpcMethod) callStream(ctx context.Context, req *Request, stream *Stream) error {
+	args := []reflect.Value{m.recv, reflect.ValueOf(ctx)}
+	if m.stream == streamServer {
+		args = append(args, reflect.ValueOf(req.Body))
+	}
+	out := m.fn.Call(append(args, reflect.ValueOf(stream)))
+	err, _ := out[0].Interface().(error)
+	return err
+}
+
+// serveStream serves a Connect streaming call to m through net/http.
+func (s *Server) serveStream(w http.ResponseWriter, r *http.Request, m *rpcMethod) {
+	ct := r.Header.Get("Content-Type")
+	codec := streamCodec(s.codecs, ct)
+	if codec == nil || m.stream == streamNone {
+		w.Header().Set("Accept-Post", "application/connect+json, application/connect+proto")
+		why := fmt.Sprintf("unsupported content type %q", ct)
+		if m.stream == streamNone {
+			why = m.name + " is a unary endpoint; call it with application/json or application/proto"
+		}
+		rpcWriteReply(w, rpcErrorReply(http.StatusUnsupportedMediaType, NewError(CodeInvalidArgument, why)))
+		return
+	}
+	rc := http.NewResponseController(w)
+	if r.ProtoMajor == 1 {
+		rc.EnableFullDuplex() // bidi over HTTP/1.1: read and write at once
+	}
+	rc.SetReadDeadline(time.Time{}) // a stream lives as long as its caller wants
+	rc.SetWriteDeadline(time.Time{})
+	head := &rpcHead{header: r.Header}
+	call := &rpcCall{parent: r.Context(), head: head}
+	defer call.finish()
+	var early error
+	if v := r.Header.Get("Connect-Timeout-Ms"); v != "" {
+		ms, ok := rpcParseTimeout(v)
+		if !ok {
+			early = Errorf(CodeInvalidArgument, "bad Connect-Timeout-Ms %q: want 1 to 10 digits", v)
+		}
+		call.deadline = time.Now().Add(time.Duration(ms) * time.Millisecond)
+	}
+	if enc := r.Header.Get("Connect-Content-Encoding"); enc != "" && enc != "identity" {
+		early = Errorf(CodeUnimplemented, "unsupported Connect-Content-Encoding %q", enc)
+	}
+	// Headers go out as the stream opens, so the caller knows it is open.
+	w.Header().Set("Content-Type", "application/connect+"+streamCodecName(codec.ContentType()))
+	w.WriteHeader(http.StatusOK)
+	rc.Flush()
+
+	st := &Stream{ctx: call, codec: codec, max: min(s.opts.maxBodySize, streamMaxMessage), r: r.Body, w: w, flush: rc.Flush, server: true}
+	req := &Request{Service: s.opts.name, Endpoint: m.name, ContentType: codec.ContentType()}
+	if len(s.opts.streamWrappers) > 0 {
+		req.Header = call.incoming()
+	}
+	err := early
+	if err == nil && m.stream == streamServer {
+		ptr := codecNew(m.reqType)
+		if err = st.Recv(ptr.Interface()); err == io.EOF {
+			err = Errorf(CodeInvalidArgument, "%s takes one request message; none came", m.name)
+		}
+		req.Body = ptr.Interface()
+		if m.reqType.Kind() != reflect.Pointer {
+			req.Body = ptr.Elem().Interface()
+		}
+	}
+	if err == nil {
+		err = s.invokeStream(call, m, req, st)
+	}
+	if err != nil && call.Err() != nil && CodeOf(err) == CodeUnknown {
+		err = call.Err()
+	}
+	st.wmu.Lock()
+	defer st.wmu.Unlock()
+	w.Write(streamAppendEnvelope(nil, streamFlagEnd, streamEndMessage(err, st.trail)))
+	rc.Flush()
+}
+
+// invokeStream runs the stream handler chain; a panic becomes an internal
+// error.
+func (s *Server) invokeStream(ctx context.Context, m *rpcMethod, req *Request, st *Stream) (err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			s.opts.logger.Error("micro: stream handler panic", "endpoint", m.name, "panic", p, "stack", string(debug.Stack()))
+			err = NewError(CodeInternal, "internal error: handler "+m.name+" panicked")
+		}
+	}()
+	h := m.callStream
+	for i := len(s.opts.streamWrappers) - 1; i >= 0; i-- {
+		h = s.opts.streamWrappers[i](h)
+	}
+	return h(ctx, req, st)
+}
+
+// streamEndMessage encodes the end-of-stream message for err (nil:
+// success) and the trailers.
+func streamEndMessage(err error, trailers MD) []byte {
+	var end streamEnd
+	md := trailers
+	if err != nil {
+		e := AsError(err)
+		wire := rpcErrorReply(0, e) // the same JSON as a unary error
+		var we rpcWireError
+		json.Unmarshal(wire.body, &we)
+		end.Error = &we
+		md = rpcMergeMD(trailers, e.Meta)
+	}
+	for k, v := range md {
+		if rpcSendable(k, v) {
+			if end.Metadata == nil {
+				end.Metadata = map[string][]string{}
+			}
+			end.Metadata[k] = []string{v}
+		}
+	}
+	b, _ := json.Marshal(end)
+	return b
+}
+
+// Stream opens a stream to endpoint ("Chat.Talk") of service, resolved and
+// balanced as Call is. A node that cannot be reached is replaced by another
+// before the stream opens; once it has opened nothing is retried. The
+// stream's context is ctx (with the call's timeout, if ctx has no deadline,
+// as for Call).
+func (c *Client) Stream(ctx context.Context, service, endpoint string, opts ...CallOption) (*Stream, error) {
+	md, _ := ctx.Value(rpcOutgoingKey{}).(MD)
+	req := &Request{Service: service, Endpoint: endpoint, Header: make(MD, len(md))}
+	for k, v := range md {
+		req.Header[k] = v
+	}
+	open := c.openStream
+	for i := len(c.opts.streamWrappers) - 1; i >= 0; i-- {
+		open = c.opts.streamWrappers[i](open)
+	}
+	return open(ctx, req, opts...)
+}
+
+// openStream resolves, balances and opens: the StreamCallFunc the wrappers
+// wrap.
+func (c *Client) openStream(ctx context.Context, req *Request, opts ...CallOption) (*Stream, error) {
+	if c.closed.Load() {
+		return nil, &Error{Code: CodeCanceled, Message: "micro: client closed", cause: ErrClosed}
+	}
+	o := c.opts.call
+	for _, opt := range opts {
+		opt.applyCall(&o)
+	}
+	if !rpcValidEndpoint(req.Endpoint) {
+		return nil, Errorf(CodeInvalidArgument, "micro: bad endpoint %q; want \"Handler.Method\"", req.Endpoint)
+	}
+	if req.ContentType != "" {
+		o.contentType = req.ContentType
+	}
+	codec := c.codecs.get(o.contentType)
+	if codec == nil {
+		return nil, Errorf(CodeInvalidArgument, "micro: no codec for content type %q", o.contentType)
+	}
+	req.ContentType = codec.ContentType()
+	md := rpcMergeMD(req.Header, o.md)
+	for k, v := range md {
+		if !rpcSendable(k, v) {
+			return nil, Errorf(CodeInvalidArgument, "micro: metadata %q cannot be sent: a protocol header, or not a valid header", k)
+		}
+	}
+	var cancelTimeout context.CancelFunc = func() {}
+	if _, ok := ctx.Deadline(); !ok && o.timeout > 0 {
+		ctx, cancelTimeout = context.WithTimeout(ctx, o.timeout)
+	}
+	nodes, err := c.nodes(ctx, req.Service, &o)
+	if err != nil {
+		cancelTimeout()
+		return nil, err
+	}
+	var tried []string
+	for attempt := 0; ; attempt++ {
+		candidates := nodes
+		if len(tried) > 0 {
+			candidates = make([]*Node, 0, len(nodes))
+			for _, n := range nodes {
+				if !slicesContains(tried, n.Address) {
+					candidates = append(candidates, n)
+				}
+			}
+			if len(candidates) == 0 {
+				candidates = nodes
+			}
+		}
+		node, done, err := c.opts.balancer.Pick(ctx, candidates)
+		if err != nil {
+			cancelTimeout()
+			return nil, Errorf(CodeUnavailable, "micro: service %s: %w", req.Service, err)
+		}
+		st, err := c.dialStream(ctx, cancelTimeout, node.Address, req, codec, md)
+		if err == nil {
+			st.done = done
+			return st, nil
+		}
+		if done != nil {
+			done(err)
+		}
+		if !rpcRetryable(err) || ctx.Err() != nil || attempt >= o.retries || !c.budget.withdraw() {
+			cancelTimeout()
+			return nil, err
+		}
+		tried = append(tried, node.Address)
+	}
+}
+
+func slicesContains(s []string, v string) bool {
+	for _, x := range s {
+		if x == v {
+			return true
+		}
+	}
+	return false
+}
+
+// dialStream opens the stream's HTTP/2 request at addr and waits for the
+// server to say it is open (its headers).
+func (c *Client) dialStream(ctx context.Context, cancelTimeout context.CancelFunc, addr string, req *Request, codec Codec, md MD) (*Stream, error) {
+	if !rpcValidAddr(addr) {
+		return nil, Errorf(CodeInvalidArgument, "micro: bad node address %q", addr)
+	}
+	sctx, cancel := context.WithCancel(ctx)
+	pr, pw := io.Pipe()
+	// net/http's HTTP/2 transport notices a canceled request only when its
+	// read of the body returns: end the pipe with the context, so the stream
+	// is reset and the handler's context ends too.
+	unhook := context.AfterFunc(sctx, func() { pw.CloseWithError(context.Cause(sctx)) })
+	stop := func() { cancel(); cancelTimeout(); unhook() }
+	dot := strings.LastIndexByte(req.Endpoint, '.')
+	url := "http://" + addr + "/" + req.Endpoint[:dot] + "/" + req.Endpoint[dot+1:]
+	hreq, err := http.NewRequestWithContext(sctx, http.MethodPost, url, pr)
+	if err != nil {
+		stop()
+		return nil, Errorf(CodeInvalidArgument, "micro: bad address %q: %w", addr, err)
+	}
+	for k, v := range md {
+		hreq.Header.Set(k, v)
+	}
+	hreq.Header.Set("Content-Type", "application/connect+"+streamCodecName(codec.ContentType()))
+	hreq.Header.Set("Connect-Protocol-Version", "1")
+	if dl, ok := ctx.Deadline(); ok {
+		hreq.Header.Set("Connect-Timeout-Ms", strconv.FormatInt(min(max(time.Until(dl).Milliseconds(), 1), 9_999_999_999), 10))
+	}
+	hrsp, err := c.streamClient().Do(hreq)
+	if err != nil {
+		stop()
+		pw.Close()
+		var op *net.OpError
+		unsent := errors.As(err, &op) && op.Op == "dial"
+		return nil, rpcTransportError(ctx, time.Time{}, addr, err, unsent)
+	}
+	if hrsp.StatusCode != http.StatusOK {
+		b, _ := io.ReadAll(io.LimitReader(hrsp.Body, 64<<10))
+		hrsp.Body.Close()
+		stop()
+		pw.Close()
+		return nil, rpcReadError(hrsp.StatusCode, hrsp.Header, b)
+	}
+	if got, want := codecMediaType(hrsp.Header.Get("Content-Type")), "application/connect+"+streamCodecName(codec.ContentType()); got != want {
+		hrsp.Body.Close()
+		stop()
+		pw.Close()
+		return nil, Errorf(CodeInternal, "micro: stream content type %q, want %q", got, want)
+	}
+	return &Stream{
+		ctx: ctx, cancel: stop, codec: codec, max: min(c.opts.maxRspSize, streamMaxMessage),
+		r: hrsp.Body, body: hrsp.Body, header: rpcResponseMetadata(hrsp.Header),
+		w: pw, pw: pw,
+	}, nil
+}
+
+// streamClient returns the HTTP client streams use: HTTP/2 over cleartext
+// TCP (h2c, prior knowledge), made on first use, or the WithTransport one.
+func (c *Client) streamClient() *http.Client {
+	c.h2once.Do(func() {
+		if c.hc != nil {
+			c.h2 = c.hc
+			return
+		}
+		protocols := new(http.Protocols)
+		protocols.SetUnencryptedHTTP2(true)
+		c.h2 = &http.Client{Transport: &http.Transport{
+			Protocols:          protocols,
+			DialContext:        (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+			DisableCompression: true,
+			IdleConnTimeout:    90 * time.Second,
+		}}
+	})
+	return c.h2
+}

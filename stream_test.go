@@ -1,0 +1,459 @@
+package micro
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+type Num struct {
+	N int    `json:"n"`
+	S string `json:"s,omitempty"`
+}
+
+// Chat has a handler per streaming shape.
+type Chat struct {
+	started chan struct{}
+	ended   chan error
+	seen    chan time.Duration // Block reports the deadline it saw
+}
+
+// Echo sends back every message until the caller closes its side.
+func (c *Chat) Echo(ctx context.Context, stream *Stream) error {
+	for {
+		var m Num
+		if err := stream.Recv(&m); err == io.EOF {
+			return nil
+		} else if err != nil {
+			return err
+		}
+		if err := stream.Send(&m); err != nil {
+			return err
+		}
+	}
+}
+
+// Count streams req.N numbered messages.
+func (c *Chat) Count(ctx context.Context, req *Num, stream *Stream) error {
+	for i := 0; i < req.N; i++ {
+		if err := stream.Send(&Num{N: i}); err != nil {
+			return err
+		}
+	}
+	stream.SetTrailer("X-Sent", fmt.Sprint(req.N))
+	return nil
+}
+
+// Sum adds what the caller sends and answers once it has closed its side,
+// with how many messages came before io.EOF.
+func (c *Chat) Sum(ctx context.Context, stream *Stream) error {
+	sum, n := 0, 0
+	for {
+		var m Num
+		err := stream.Recv(&m)
+		if err == io.EOF {
+			return stream.Send(&Num{N: sum, S: fmt.Sprint(n)})
+		}
+		if err != nil {
+			return err
+		}
+		sum += m.N
+		n++
+	}
+}
+
+// Fail sends req.N messages, then fails.
+func (c *Chat) Fail(ctx context.Context, req *Num, stream *Stream) error {
+	for i := 0; i < req.N; i++ {
+		if err := stream.Send(&Num{N: i}); err != nil {
+			return err
+		}
+	}
+	e := NewError(CodeFailedPrecondition, "out of numbers")
+	e.Meta = MD{"X-Why": "empty"}
+	return e
+}
+
+// Block waits for its context to end.
+func (c *Chat) Block(ctx context.Context, stream *Stream) error {
+	dl, _ := ctx.Deadline()
+	c.seen <- time.Until(dl)
+	c.started <- struct{}{}
+	<-ctx.Done()
+	c.ended <- ctx.Err()
+	return ctx.Err()
+}
+
+func newChat() *Chat {
+	return &Chat{started: make(chan struct{}, 1), ended: make(chan error, 1), seen: make(chan time.Duration, 1)}
+}
+
+func TestStreamBidiEcho10000Interleaved(t *testing.T) {
+	checkGoroutines(t)
+	addr, _ := newTestServer(t, nil, newChat())
+	client := newTestClient(t, WithAddress(addr))
+	st, err := client.Stream(context.Background(), "chat", "Chat.Echo")
+	assertNoError(t, err)
+	const n = 10000
+	sendErr := make(chan error, 1)
+	go func() {
+		for i := 0; i < n; i++ {
+			if err := st.Send(&Num{N: i}); err != nil {
+				sendErr <- err
+				return
+			}
+		}
+		sendErr <- st.CloseSend()
+	}()
+	for i := 0; i < n; i++ {
+		var m Num
+		assertNoError(t, st.Recv(&m))
+		if m.N != i {
+			t.Fatalf("message %d came back as %d", i, m.N)
+		}
+	}
+	var m Num
+	if err := st.Recv(&m); err != io.EOF {
+		t.Fatalf("after the last echo: %v, want io.EOF", err)
+	}
+	assertNoError(t, <-sendErr)
+}
+
+func TestStreamServerStreaming1000(t *testing.T) {
+	checkGoroutines(t)
+	addr, _ := newTestServer(t, nil, newChat())
+	client := newTestClient(t, WithAddress(addr))
+	st, err := client.Stream(context.Background(), "chat", "Chat.Count")
+	assertNoError(t, err)
+	assertNoError(t, st.Send(&Num{N: 1000}))
+	assertNoError(t, st.CloseSend())
+	for i := 0; i < 1000; i++ {
+		var m Num
+		assertNoError(t, st.Recv(&m))
+		assertEqual(t, m.N, i)
+	}
+	var m Num
+	if err := st.Recv(&m); err != io.EOF {
+		t.Fatalf("end: %v", err)
+	}
+	assertEqual(t, st.Trailer().Get("X-Sent"), "1000")
+	if err := st.Recv(&m); err != io.EOF {
+		t.Fatalf("Recv after the end: %v", err)
+	}
+}
+
+func TestStreamClientStreamingAndHalfClose(t *testing.T) {
+	checkGoroutines(t)
+	addr, _ := newTestServer(t, nil, newChat())
+	client := newTestClient(t, WithAddress(addr))
+	st, err := client.Stream(context.Background(), "chat", "Chat.Sum")
+	assertNoError(t, err)
+	for i := 1; i <= 100; i++ {
+		assertNoError(t, st.Send(&Num{N: i}))
+	}
+	assertNoError(t, st.CloseSend())
+	assertNoError(t, st.CloseSend()) // idempotent
+	if err := st.Send(&Num{}); CodeOf(err) != CodeFailedPrecondition {
+		t.Fatalf("Send after CloseSend: %v", err)
+	}
+	var m Num
+	assertNoError(t, st.Recv(&m))
+	assertEqual(t, m.N, 5050)
+	assertEqual(t, m.S, "100") // the handler's Recv saw io.EOF after all 100, not before
+	if err := st.Recv(&m); err != io.EOF {
+		t.Fatalf("end: %v", err)
+	}
+}
+
+func TestStreamErrorArrivesAfterMessages(t *testing.T) {
+	checkGoroutines(t)
+	addr, _ := newTestServer(t, nil, newChat())
+	client := newTestClient(t, WithAddress(addr))
+	st, err := client.Stream(context.Background(), "chat", "Chat.Fail")
+	assertNoError(t, err)
+	assertNoError(t, st.Send(&Num{N: 3}))
+	for i := 0; i < 3; i++ {
+		var m Num
+		assertNoError(t, st.Recv(&m))
+		assertEqual(t, m.N, i)
+	}
+	var m Num
+	err = st.Recv(&m)
+	assertCode(t, err, CodeFailedPrecondition)
+	assertEqual(t, AsError(err).Message, "out of numbers")
+	assertEqual(t, AsError(err).Meta.Get("X-Why"), "empty")
+	// Every later Recv says the same; Send says the stream is over.
+	assertCode(t, st.Recv(&m), CodeFailedPrecondition)
+	if err := st.Send(&Num{}); err != io.EOF {
+		t.Fatalf("Send after the end: %v", err)
+	}
+}
+
+func TestStreamCancelAndDeadline(t *testing.T) {
+	checkGoroutines(t)
+	chat := newChat()
+	addr, _ := newTestServer(t, nil, chat)
+	client := newTestClient(t, WithAddress(addr), RequestTimeout(0))
+
+	t.Run("caller cancels", func(t *testing.T) {
+		ctx, cancel := context.WithCancel(context.Background())
+		st, err := client.Stream(ctx, "chat", "Chat.Block")
+		assertNoError(t, err)
+		<-chat.seen
+		<-chat.started
+		cancel()
+		if err := <-chat.ended; !errors.Is(err, context.Canceled) {
+			t.Fatalf("handler's context ended with %v", err)
+		}
+		var m Num
+		assertCode(t, st.Recv(&m), CodeCanceled)
+	})
+	t.Run("deadline", func(t *testing.T) {
+		ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+		defer cancel()
+		st, err := client.Stream(ctx, "chat", "Chat.Block")
+		assertNoError(t, err)
+		if seen := <-chat.seen; seen <= 0 || seen > 300*time.Millisecond {
+			t.Fatalf("handler saw a deadline in %v", seen)
+		}
+		<-chat.started
+		if err := <-chat.ended; err == nil {
+			t.Fatal("handler's context did not end")
+		}
+		var m Num
+		assertCode(t, st.Recv(&m), CodeDeadlineExceeded)
+	})
+	t.Run("Close ends it early", func(t *testing.T) {
+		st, err := client.Stream(context.Background(), "chat", "Chat.Block")
+		assertNoError(t, err)
+		<-chat.seen
+		<-chat.started
+		assertNoError(t, st.Close())
+		assertNoError(t, st.Close())
+		if err := <-chat.ended; !errors.Is(err, context.Canceled) {
+			t.Fatalf("handler's context ended with %v", err)
+		}
+	})
+}
+
+// countingListener counts the connections it accepts.
+type countingListener struct {
+	net.Listener
+	n atomic.Int32
+}
+
+func (l *countingListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err == nil {
+		l.n.Add(1)
+	}
+	return c, err
+}
+
+func TestStreamLimitsAndManyStreamsOnOneConnection(t *testing.T) {
+	checkGoroutines(t)
+	srv := NewServer(MaxBodySize(1024))
+	assertNoError(t, RegisterHandler(srv, newChat()))
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	assertNoError(t, err)
+	cl := &countingListener{Listener: ln}
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(cl) }()
+	defer func() { srv.Close(); <-done }()
+	client := newTestClient(t, WithAddress(ln.Addr().String()))
+
+	// A stream kept open across the oversized one.
+	keep, err := client.Stream(context.Background(), "chat", "Chat.Echo")
+	assertNoError(t, err)
+	assertNoError(t, keep.Send(&Num{N: 1}))
+
+	big, err := client.Stream(context.Background(), "chat", "Chat.Echo")
+	assertNoError(t, err)
+	assertNoError(t, big.Send(&Num{S: strings.Repeat("x", 2000)}))
+	var m Num
+	assertCode(t, big.Recv(&m), CodeResourceExhausted)
+
+	// The other stream on the connection goes on.
+	assertNoError(t, keep.Recv(&m))
+	assertEqual(t, m.N, 1)
+	assertNoError(t, keep.CloseSend())
+	if err := keep.Recv(&m); err != io.EOF {
+		t.Fatalf("end: %v", err)
+	}
+
+	// A hundred at once, all on the one HTTP/2 connection.
+	var wg sync.WaitGroup
+	for i := 0; i < 100; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			st, err := client.Stream(context.Background(), "chat", "Chat.Echo")
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			defer st.Close()
+			for j := 0; j < 10; j++ {
+				if err := st.Send(&Num{N: i*100 + j}); err != nil {
+					t.Error(err)
+					return
+				}
+				var m Num
+				if err := st.Recv(&m); err != nil || m.N != i*100+j {
+					t.Errorf("stream %d: %v %v", i, m, err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	assertEqual(t, cl.n.Load(), int32(1))
+}
+
+func TestStreamMiddlewareBothSides(t *testing.T) {
+	var mu sync.Mutex
+	var trace []string
+	note := func(s string) {
+		mu.Lock()
+		trace = append(trace, s)
+		mu.Unlock()
+	}
+	sw := func(next StreamHandlerFunc) StreamHandlerFunc {
+		return func(ctx context.Context, req *Request, st *Stream) error {
+			note("server " + req.Endpoint + " " + req.Header.Get("X-Who"))
+			return next(ctx, req, st)
+		}
+	}
+	cw := func(next StreamCallFunc) StreamCallFunc {
+		return func(ctx context.Context, req *Request, opts ...CallOption) (*Stream, error) {
+			note("client " + req.Endpoint)
+			req.Header.Set("X-Who", "tester")
+			return next(ctx, req, opts...)
+		}
+	}
+	addr, _ := newTestServer(t, []ServerOption{WrapStream(sw)}, newChat())
+	client := newTestClient(t, WithAddress(addr), WrapStreamCall(cw))
+	st, err := client.Stream(context.Background(), "chat", "Chat.Sum")
+	assertNoError(t, err)
+	assertNoError(t, st.CloseSend())
+	var m Num
+	assertNoError(t, st.Recv(&m))
+	assertEqual(t, strings.Join(trace, "; "), "client Chat.Sum; server Chat.Sum tester")
+}
+
+// envelope builds a stream body from raw messages.
+func envelope(msgs ...string) []byte {
+	var b []byte
+	for _, m := range msgs {
+		b = streamAppendEnvelope(b, 0, []byte(m))
+	}
+	return b
+}
+
+// serveStreamRaw runs a streaming request through the server's handler and
+// returns the messages and the end-of-stream message of the reply.
+func serveStreamRaw(t testing.TB, srv *Server, path, ct string, body []byte) (int, []string, *streamEnd) {
+	req := httptest.NewRequest(http.MethodPost, path, bytes.NewReader(body))
+	req.Header.Set("Content-Type", ct)
+	rec := httptest.NewRecorder()
+	srv.ServeHTTP(rec, req)
+	if rec.Code != 200 {
+		return rec.Code, nil, nil
+	}
+	var msgs []string
+	r := bytes.NewReader(rec.Body.Bytes())
+	var hdr [5]byte
+	var buf []byte
+	for {
+		flags, data, err := streamReadEnvelope(r, &hdr, &buf, 1<<20)
+		if err != nil {
+			t.Fatalf("reply is not envelopes: %v (%q)", err, rec.Body.String())
+		}
+		if flags&streamFlagEnd != 0 {
+			var end streamEnd
+			if err := json.Unmarshal(data, &end); err != nil {
+				t.Fatalf("bad end-of-stream %q: %v", data, err)
+			}
+			return 200, msgs, &end
+		}
+		msgs = append(msgs, string(data))
+	}
+}
+
+func TestStreamBadInputAndHTTP1(t *testing.T) {
+	srv := NewServer(MaxBodySize(1024))
+	assertNoError(t, RegisterHandler(srv, newChat()))
+	assertNoError(t, RegisterHandler(srv, &Greeter{}))
+	tests := []struct {
+		name, path, ct string
+		body           []byte
+		status         int
+		msgs           int
+		code           string
+	}{
+		{"server streaming over HTTP/1.1", "/Chat/Count", "application/connect+json", envelope(`{"n":3}`), 200, 3, ""},
+		{"truncated envelope", "/Chat/Echo", "application/connect+json", envelope(`{"n":1}`)[:7], 200, 0, "invalid_argument"},
+		{"truncated header", "/Chat/Echo", "application/connect+json", []byte{0, 0, 0}, 200, 0, "invalid_argument"},
+		{"garbage message", "/Chat/Echo", "application/connect+json", envelope(`{"n":"x"}`), 200, 0, "invalid_argument"},
+		{"oversized envelope", "/Chat/Echo", "application/connect+json", []byte{0, 0xff, 0, 0, 0}, 200, 0, "resource_exhausted"},
+		{"compressed flag", "/Chat/Echo", "application/connect+json", append([]byte{1, 0, 0, 0, 2}, "{}"...), 200, 0, "unimplemented"},
+		{"end flag from a client", "/Chat/Echo", "application/connect+json", append([]byte{2, 0, 0, 0, 2}, "{}"...), 200, 0, "invalid_argument"},
+		{"no request for server streaming", "/Chat/Count", "application/connect+json", nil, 200, 0, "invalid_argument"},
+		{"unknown codec", "/Chat/Echo", "application/connect+xml", nil, 415, 0, ""},
+		{"unary content type on a stream", "/Chat/Echo", "application/json", nil, 415, 0, ""},
+		{"stream content type on unary", "/Greeter/Hello", "application/connect+json", envelope(`{}`), 415, 0, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			status, msgs, end := serveStreamRaw(t, srv, tt.path, tt.ct, tt.body)
+			assertEqual(t, status, tt.status)
+			if status != 200 {
+				return
+			}
+			assertEqual(t, len(msgs), tt.msgs)
+			got := ""
+			if end.Error != nil {
+				got = end.Error.Code
+			}
+			assertEqual(t, got, tt.code)
+		})
+	}
+}
+
+// FuzzStreamEnvelopes sends arbitrary bodies to each streaming handler: the
+// reply is always envelopes ending in a well-formed end-of-stream message.
+func FuzzStreamEnvelopes(f *testing.F) {
+	f.Add("/Chat/Echo", envelope(`{"n":1}`, `{"n":2}`))
+	f.Add("/Chat/Sum", envelope(`{"n":1}`)[:6])
+	f.Add("/Chat/Count", envelope(`{"n":2}`))
+	f.Add("/Chat/Fail", []byte{0, 0, 0, 0, 0})
+	srv := NewServer(MaxBodySize(4096))
+	if err := RegisterHandler(srv, newChat()); err != nil {
+		f.Fatal(err)
+	}
+	f.Fuzz(func(t *testing.T, path string, body []byte) {
+		if strings.Contains(path, "Block") || bytes.Contains(body, []byte(`"n":`)) && len(body) > 64 {
+			return // Block waits by design; huge counts only take time
+		}
+		status, _, end := serveStreamRaw(t, srv, path, "application/connect+json", body)
+		if status == 200 && end == nil {
+			t.Fatal("no end-of-stream message")
+		}
+		if end != nil && end.Error != nil {
+			if _, ok := ParseCode(end.Error.Code); !ok {
+				t.Fatalf("unknown code %q", end.Error.Code)
+			}
+		}
+	})
+}
