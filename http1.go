@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -108,6 +109,7 @@ func (sc *http1ServerConn) serve() {
 		}
 		switch verdict {
 		case http1Reject:
+			sc.c.SetWriteDeadline(time.Now().Add(time.Second))
 			io.WriteString(sc.c, "HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
 			sc.c.Close()
 			return
@@ -135,6 +137,9 @@ func (sc *http1ServerConn) serveOne(req *http1Request) bool {
 		return false
 	}
 	if req.expect {
+		if d := s.opts.readTimeout; d > 0 {
+			sc.c.SetWriteDeadline(time.Now().Add(d))
+		}
 		if _, err := io.WriteString(sc.c, "HTTP/1.1 100 Continue\r\n\r\n"); err != nil {
 			return false
 		}
@@ -221,6 +226,13 @@ func (s *Server) http1Classify(br *bufio.Reader) (req http1Request, verdict int,
 	req.headLen = len(hdr) + 2
 	line, rest, _ := bytes.Cut(hdr, []byte("\r\n"))
 	lengths, hosts, chunked, odd, meta := 0, 0, false, false, false
+	var seen [5]bool // content-type, connect-timeout-ms, content-encoding, connection, expect
+	once := func(i int) {
+		if seen[i] {
+			odd = true // a repeated header: proxies and net/http read the first; let net/http judge
+		}
+		seen[i] = true
+	}
 	for len(rest) > 0 {
 		var l []byte
 		l, rest, _ = bytes.Cut(rest, []byte("\r\n"))
@@ -245,25 +257,36 @@ func (s *Server) http1Classify(br *bufio.Reader) (req http1Request, verdict int,
 		case http1EqualFold(name, "transfer-encoding"):
 			chunked = true
 		case http1EqualFold(name, "content-type"):
+			once(0)
 			req.head.contentType = http1Intern(value)
 		case http1EqualFold(name, "connect-timeout-ms"):
+			once(1)
 			if ms, ok := rpcParseTimeout(string(value)); ok { // no allocation: the conversion stays on the stack
 				req.head.timeoutMS = ms
 			} else {
 				req.head.timeout = string(value) // refused in unary, with the value quoted
 			}
 		case http1EqualFold(name, "content-encoding"):
+			once(2)
 			req.head.encoding = string(value)
 		case http1EqualFold(name, "host"):
 			hosts++
+			if !http1ValidHost(value) {
+				odd = true
+			}
 		case http1EqualFold(name, "connection"):
-			if bytes.Contains(bytes.ToLower(value), []byte("close")) {
+			once(3)
+			switch {
+			case http1EqualFold(value, "close"):
 				req.close = true
+			case len(value) > 0 && !http1EqualFold(value, "keep-alive"):
+				odd = true // a list of options: net/http reads those
 			}
 		case http1EqualFold(name, "upgrade"):
 			odd = true
 		case http1EqualFold(name, "expect"):
-			if !http1EqualFold(value, "100-continue") || req.expect {
+			once(4)
+			if !http1EqualFold(value, "100-continue") {
 				odd = true
 			}
 			req.expect = true
@@ -291,6 +314,18 @@ func (s *Server) http1Classify(br *bufio.Reader) (req http1Request, verdict int,
 		req.head.raw = bytes.Clone(lines)
 	}
 	return req, http1Fast, nil
+}
+
+// http1ValidHost reports whether a Host value is a plain host[:port]
+// (net/http refuses anything else with 400).
+func http1ValidHost(v []byte) bool {
+	for _, c := range v {
+		if !(c == '.' || c == '-' || c == ':' || c == '[' || c == ']' || c == '%' || c == '_' ||
+			'0' <= c && c <= '9' || 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z') {
+			return false
+		}
+	}
+	return true
 }
 
 // http1ParseLength parses a Content-Length: digits only, or -1.
@@ -524,20 +559,25 @@ func (p *http1Client) get(ctx context.Context, addr string, deadline time.Time, 
 			p.mu.Unlock()
 			return nil, ErrClosed
 		}
-		list := p.idle[addr]
-		for len(list) > 0 {
+		for {
+			list := p.idle[addr]
+			if len(list) == 0 {
+				break
+			}
 			cc := list[len(list)-1]
 			list[len(list)-1] = nil
-			list = list[:len(list)-1]
-			if now.Sub(cc.used) < p.idleTimeout {
-				p.idle[addr] = list
-				p.mu.Unlock()
+			p.idle[addr] = list[:len(list)-1]
+			p.mu.Unlock()
+			// A connection the server has closed, or that holds bytes we
+			// did not ask for, is dropped before anything is written on it:
+			// once a request is written it is never sent again.
+			if now.Sub(cc.used) < p.idleTimeout && cc.br.Buffered() == 0 && http1Alive(cc.c) {
 				cc.reused = true
 				return cc, nil
 			}
-			cc.c.Close() // idle too long: the server may be closing it
+			cc.c.Close()
+			p.mu.Lock()
 		}
-		p.idle[addr] = list
 		p.mu.Unlock()
 	}
 	d := p.dialer
@@ -675,10 +715,10 @@ func (p *http1Client) exchange(ctx context.Context, cc *http1ClientConn, call *h
 	}
 	sent = true
 	if _, err := cc.br.Peek(1); err != nil {
-		return fail(err, http1Stale(err))
+		return fail(err, false) // written: it may have run, so it is not sent again
 	}
 	var pre []byte // a body net/http already read
-	for {
+	for informational := 0; ; informational++ {
 		head, pre, err = http1ReadHead(cc.br, call.codec.ContentType(), headers, maxRsp)
 		if err != nil {
 			return fail(err, false)
@@ -686,8 +726,8 @@ func (p *http1Client) exchange(ctx context.Context, cc *http1ClientConn, call *h
 		if head.status >= 200 {
 			break
 		}
-		if head.status == http.StatusSwitchingProtocols { // 1xx: informational, the reply follows
-			return fail(errors.New("micro: server switched protocols"), false)
+		if head.status == http.StatusSwitchingProtocols || informational == 5 { // 1xx: informational, the reply follows
+			return fail(fmt.Errorf("micro: reply %d where a final reply was due", head.status), false)
 		}
 	}
 	if head.length > maxRsp {
@@ -733,12 +773,20 @@ func http1ReadHead(br *bufio.Reader, wantCT string, headers bool, maxRsp int64) 
 		br.Discard(len(hdr) + 2)
 		return h, nil, nil
 	}
-	rsp, err := http.ReadResponse(br, nil)
-	if err != nil {
-		return h, nil, err
+	// net/http reads this one, through a limit (its header reading has
+	// none of its own), and the connection is closed after it: its reader
+	// may have taken bytes past the reply.
+	lim := bufio.NewReader(&io.LimitedReader{R: br, N: http1MaxForeignHead + maxRsp})
+	var rsp *http.Response
+	for informational := 0; ; informational++ {
+		if rsp, err = http.ReadResponse(lim, nil); err != nil {
+			return h, nil, err
+		}
+		if rsp.StatusCode >= 200 || rsp.StatusCode == http.StatusSwitchingProtocols || informational == 5 {
+			break
+		}
 	}
-	defer rsp.Body.Close()
-	h = http1Head{status: rsp.StatusCode, length: rsp.ContentLength, close: rsp.Close, header: rsp.Header}
+	h = http1Head{status: rsp.StatusCode, length: rsp.ContentLength, close: true, header: rsp.Header}
 	h.ctype = codecMediaType(rsp.Header.Get("Content-Type"))
 	if h.ctype == wantCT {
 		h.ctype = wantCT
@@ -749,6 +797,7 @@ func http1ReadHead(br *bufio.Reader, wantCT string, headers bool, maxRsp int64) 
 	if rsp.ContentLength > maxRsp {
 		return h, nil, Errorf(CodeResourceExhausted, "micro: response larger than %d bytes", maxRsp)
 	}
+	// Never drained on an error: the connection is closed instead.
 	pre, err = io.ReadAll(io.LimitReader(rsp.Body, maxRsp+1))
 	if err == nil && int64(len(pre)) > maxRsp {
 		err = Errorf(CodeResourceExhausted, "micro: response larger than %d bytes", maxRsp)
@@ -759,6 +808,9 @@ func http1ReadHead(br *bufio.Reader, wantCT string, headers bool, maxRsp int64) 
 	h.length = int64(len(pre))
 	return h, pre, err
 }
+
+// http1MaxForeignHead bounds the head of a reply that goes through net/http.
+const http1MaxForeignHead = 1 << 20
 
 // http1PeekHead returns the buffered header block up to its final CRLF
 // (without the blank line), reading more as needed, or nil if it does not

@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -568,5 +569,82 @@ func FuzzHTTP1Classify(f *testing.F) {
 				t.Fatalf("metadata %s: ours %q, net/http %q: %q", k, ours[k], v, data)
 			}
 		}
+	})
+}
+
+func TestHTTP1ReviewRegressions(t *testing.T) {
+	checkGoroutines(t)
+	t.Run("a written call is never sent again", func(t *testing.T) {
+		// The server reads each request, counts it, and hangs up without
+		// a reply: the handler may have run, so the client must not resend.
+		var mu sync.Mutex
+		runs := 0
+		addr := fakeServer(t, func(c net.Conn) {
+			mu.Lock()
+			runs++
+			mu.Unlock()
+		})
+		client := newTestClient(t, WithAddress(addr), Retries(3))
+		var rsp HelloResponse
+		assertCode(t, client.Call(context.Background(), "x", "Greeter.Hello", &HelloRequest{}, &rsp), CodeUnavailable)
+		mu.Lock()
+		assertEqual(t, runs, 1)
+		mu.Unlock()
+	})
+	t.Run("endless reply headers are cut off", func(t *testing.T) {
+		addr := fakeServer(t, func(c net.Conn) {
+			io.WriteString(c, "HTTP/1.1 200 OK\r\n")
+			line := "X-A: " + strings.Repeat("a", 60<<10) + "\r\n"
+			for {
+				if _, err := io.WriteString(c, line); err != nil {
+					return // the client gave up
+				}
+			}
+		})
+		client := newTestClient(t, WithAddress(addr), MaxResponseSize(4096), Retries(0))
+		var rsp HelloResponse
+		if err := client.Call(context.Background(), "x", "Greeter.Hello", &HelloRequest{}, &rsp); err == nil {
+			t.Fatal("a reply with endless headers succeeded")
+		}
+	})
+	t.Run("a handler's own unavailable is not retried", func(t *testing.T) {
+		var calls atomic.Int32
+		counter := func(next HandlerFunc) HandlerFunc {
+			return func(ctx context.Context, req *Request) (any, error) {
+				calls.Add(1)
+				return next(ctx, req)
+			}
+		}
+		a1, _ := newTestServer(t, []ServerOption{WrapHandler(counter)}, &Echo{})
+		a2, _ := newTestServer(t, []ServerOption{WrapHandler(counter)}, &Echo{})
+		client := newTestClient(t, WithAddress(a1, a2), Retries(3))
+		var rsp Msg
+		err := client.Call(context.Background(), "x", "Echo.Fail", &ErrorRequest{Code: CodeUnavailable, Message: "downstream down"}, &rsp)
+		assertCode(t, err, CodeUnavailable)
+		assertEqual(t, calls.Load(), int32(1))
+	})
+	t.Run("SetHeader after the handler returned", func(t *testing.T) {
+		ctxs := make(chan context.Context, 1)
+		keep := func(next HandlerFunc) HandlerFunc {
+			return func(ctx context.Context, req *Request) (any, error) {
+				ctxs <- ctx
+				return next(ctx, req)
+			}
+		}
+		addr, _ := newTestServer(t, []ServerOption{WrapHandler(keep)}, &Greeter{})
+		client := newTestClient(t, WithAddress(addr))
+		var rsp HelloResponse
+		assertNoError(t, client.Call(context.Background(), "x", "Greeter.Hello", &HelloRequest{}, &rsp))
+		if err := SetHeader(<-ctxs, "X-Late", "1"); err == nil {
+			t.Fatal("SetHeader after the reply succeeded")
+		}
+	})
+	t.Run("a repeated Content-Type means the first, as net/http reads it", func(t *testing.T) {
+		addr, _ := newTestServer(t, nil, &Greeter{id: "g"})
+		c, br := rawConn(t, addr)
+		io.WriteString(c, helloRequest("dup", "Content-Type: application/octet-stream\r\n"))
+		rsp, body := readReply(t, br)
+		assertEqual(t, rsp.StatusCode, 200)
+		assertEqual(t, body, `{"message":"hello dup","node":"g"}`)
 	})
 }

@@ -541,6 +541,16 @@ func newRegistryCache(reg Registry, ttl time.Duration) *registryCache {
 	}
 }
 
+// peek returns the records of a service when the cache has them fresh.
+func (c *registryCache) peek(name string) ([]*ServiceInfo, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if e, ok := c.entries[name]; ok && !c.closed && time.Now().Before(e.expires) {
+		return e.services, true
+	}
+	return nil, false
+}
+
 // lookup returns the records of a service, from the cache when fresh. The
 // caller must not modify them.
 func (c *registryCache) lookup(ctx context.Context, name string) ([]*ServiceInfo, error) {

@@ -78,11 +78,14 @@ func SetHeader(ctx context.Context, key, value string) error {
 		return fmt.Errorf("micro: SetHeader: %q cannot be sent: a protocol header, or not a valid header", key)
 	}
 	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.sealed {
+		return errors.New("micro: SetHeader after the handler returned")
+	}
 	if c.out == nil {
 		c.out = MD{}
 	}
 	c.out.Set(key, value)
-	c.mu.Unlock()
 	return nil
 }
 
@@ -102,6 +105,7 @@ type rpcCall struct {
 	real     context.Context // made on first Done
 	cancel   context.CancelFunc
 	finished bool // the handler returned
+	sealed   bool // out has been taken for the reply
 }
 
 func (c *rpcCall) incoming() MD {
@@ -664,6 +668,7 @@ func (s *Server) unary(ctx context.Context, m *rpcMethod, h *rpcHead, raw []byte
 	rsp, err := s.invoke(ctx, m, req)
 	call.mu.Lock()
 	out := call.out
+	call.sealed = true // a goroutine the handler left behind cannot change it now
 	call.mu.Unlock()
 	if err != nil {
 		if ctx.Err() != nil && CodeOf(err) == CodeUnknown {
@@ -879,7 +884,12 @@ func rpcReadError(status int, header http.Header, body []byte) *Error {
 		e.Code = errorCodeFromHTTP(status)
 		e.Message = fmt.Sprintf("HTTP %d %s", status, http.StatusText(status))
 	}
-	e.retry = e.Code == CodeUnavailable // the node said so: it did not serve the call
+	if e.Message == fmt.Sprintf("HTTP %d %s", status, http.StatusText(status)) {
+		// A bare 502/503/504 from a proxy or an overloaded server: the call
+		// was not served. (A handler's own unavailable is an answer, and is
+		// not sent again.)
+		e.retry = e.Code == CodeUnavailable
+	}
 	e.Meta = rpcResponseMetadata(header)
 	return e
 }
@@ -1020,9 +1030,10 @@ func (s *Server) beginClose() (*http.Server, []net.Listener, []*http1ServerConn)
 }
 
 // Shutdown stops accepting, lets calls in flight finish, and returns when
-// they have or when ctx ends (then it closes the rest and returns ctx's
-// error). Idle connections close at once. /health answers 503 from the start
-// of a shutdown.
+// they have or when ctx ends: then it cancels the contexts of the calls still
+// running, closes their connections and returns ctx's error at once (a
+// handler that ignores its context may run on). Idle connections close at
+// once. /health answers 503 from the start of a shutdown.
 func (s *Server) Shutdown(ctx context.Context) error {
 	hs, _, conns := s.beginClose()
 	for _, sc := range conns {
@@ -1051,7 +1062,8 @@ func (s *Server) Shutdown(ctx context.Context) error {
 			sc.c.Close()
 		}
 		s.mu.Unlock()
-		<-done
+		// Handlers that ignore their context may still run; Shutdown keeps
+		// its deadline rather than wait for them.
 	}
 	if hs != nil {
 		<-s.hsDone
@@ -1170,7 +1182,8 @@ type clientOptions struct {
 }
 
 type callOptions struct {
-	nodes       []*Node // from WithAddress
+	deadline    time.Time // the call's, when not in its context (set per call)
+	nodes       []*Node   // from WithAddress
 	timeout     time.Duration
 	retries     int
 	contentType string
@@ -1292,6 +1305,7 @@ func (c *Client) callService(ctx context.Context, req *Request, rsp any, opts ..
 			defer cancel()
 		}
 	}
+	o.deadline = deadline
 	nodes, err := c.nodes(ctx, req.Service, &o)
 	if err != nil {
 		return err
@@ -1352,7 +1366,17 @@ func (c *Client) nodes(ctx context.Context, service string, o *callOptions) ([]*
 	if c.cache == nil {
 		return nil, Errorf(CodeFailedPrecondition, "micro: client has no registry; call with micro.WithAddress or create it with micro.WithRegistry")
 	}
-	services, err := c.cache.lookup(ctx, service)
+	services, ok := c.cache.peek(service)
+	var err error
+	if !ok {
+		lctx := ctx
+		if _, has := ctx.Deadline(); !has && !o.deadline.IsZero() { // the fast path carries its deadline aside
+			var cancel context.CancelFunc
+			lctx, cancel = context.WithDeadline(ctx, o.deadline)
+			defer cancel()
+		}
+		services, err = c.cache.lookup(lctx, service)
+	}
 	if err != nil {
 		if ctx.Err() != nil {
 			return nil, AsError(ctx.Err())
