@@ -457,3 +457,39 @@ func FuzzStreamEnvelopes(f *testing.F) {
 		}
 	})
 }
+
+func TestStreamOverRealHTTP1(t *testing.T) {
+	checkGoroutines(t)
+	addr, _ := newTestServer(t, nil, newChat())
+	tr := &http.Transport{} // HTTP/1.1 only, as curl or a browser's fetch would call
+	defer tr.CloseIdleConnections()
+	for _, tt := range []struct {
+		path string
+		body []byte
+		want []string
+	}{
+		{"/Chat/Count", envelope(`{"n":3}`), []string{`{"n":0}`, `{"n":1}`, `{"n":2}`}}, // server streaming
+		{"/Chat/Sum", envelope(`{"n":2}`, `{"n":40}`), []string{`{"n":42,"s":"2"}`}},    // client streaming
+	} {
+		req, _ := http.NewRequest(http.MethodPost, "http://"+addr+tt.path, bytes.NewReader(tt.body))
+		req.Header.Set("Content-Type", "application/connect+json")
+		rsp, err := tr.RoundTrip(req)
+		assertNoError(t, err)
+		assertEqual(t, rsp.ProtoMajor, 1)
+		assertEqual(t, rsp.StatusCode, 200)
+		var got []string
+		var hdr [5]byte
+		var buf []byte
+		for {
+			flags, data, err := streamReadEnvelope(rsp.Body, &hdr, &buf, 1<<20)
+			assertNoError(t, err)
+			if flags&streamFlagEnd != 0 {
+				assertEqual(t, string(data) == "{}" || strings.Contains(string(data), "metadata"), true)
+				break
+			}
+			got = append(got, string(data))
+		}
+		rsp.Body.Close()
+		assertEqual(t, strings.Join(got, " "), strings.Join(tt.want, " "))
+	}
+}
