@@ -58,6 +58,14 @@
 // net/http. [HandlerWrapper] and [CallWrapper] are middleware for servers and
 // clients.
 //
+// # Streaming
+//
+// A handler of the form func(ctx, *[Stream]) error serves client, server and
+// bidirectional streams; func(ctx, *Req, *Stream) error serves a server
+// stream. [Client.Stream] opens one. Streams follow the Connect streaming
+// protocol over cleartext HTTP/2 on the same port, with HTTP/2's flow
+// control between a writer and its reader.
+//
 // # Codecs
 //
 // JSON (the default), proto (through the messages' own Marshal methods), gob,
