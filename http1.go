@@ -67,8 +67,83 @@ func http1PutBuf(bp *[]byte) {
 type http1ServerConn struct {
 	s     *Server
 	c     net.Conn
+	src   http1ConnReader // what br reads from
 	br    *bufio.Reader
 	state atomic.Int32 // http1Idle, http1Active or http1Closed
+
+	// A handler that waits on its context learns of a caller who hangs up
+	// through a one-byte read in the background, started on its first Done.
+	watchFn func(cancel func()) // sc.watch, made once per connection
+	bgMu    sync.Mutex
+	bgDone  chan struct{} // closed when the background read returns; nil if none
+	bgStop  atomic.Bool   // the read is being stopped on purpose
+	piped   bool          // the next request was already buffered: nothing to watch
+}
+
+// http1ConnReader reads from the connection, first replaying a byte the
+// background read took.
+type http1ConnReader struct {
+	c       net.Conn
+	pending []byte
+}
+
+func (r *http1ConnReader) Read(p []byte) (int, error) {
+	if len(r.pending) > 0 {
+		n := copy(p, r.pending)
+		r.pending = r.pending[n:]
+		return n, nil
+	}
+	return r.c.Read(p)
+}
+
+func newHTTP1ServerConn(s *Server, c net.Conn) *http1ServerConn {
+	sc := &http1ServerConn{s: s, c: c, src: http1ConnReader{c: c}}
+	sc.br = bufio.NewReaderSize(&sc.src, http1HeaderBuffer)
+	sc.watchFn = sc.watch
+	return sc
+}
+
+// watch starts the background read that cancels a handler's context when
+// the caller goes away. It runs at most once per request.
+func (sc *http1ServerConn) watch(cancel func()) {
+	if sc.piped {
+		return // the next request is already here: the caller is still there
+	}
+	sc.bgMu.Lock()
+	defer sc.bgMu.Unlock()
+	if sc.bgDone != nil {
+		return
+	}
+	done := make(chan struct{})
+	sc.bgDone = done
+	go func() {
+		defer close(done)
+		var b [1]byte
+		n, err := sc.c.Read(b[:])
+		if n == 1 { // a pipelined request begins: keep its byte
+			sc.src.pending = append(sc.src.pending[:0], b[0])
+			return
+		}
+		if err != nil && !sc.bgStop.Load() {
+			cancel() // the caller hung up
+		}
+	}()
+}
+
+// unwatch stops the background read, if one runs, before the connection is
+// read or written again.
+func (sc *http1ServerConn) unwatch() {
+	sc.bgMu.Lock()
+	done := sc.bgDone
+	sc.bgDone = nil
+	sc.bgMu.Unlock()
+	if done == nil {
+		return
+	}
+	sc.bgStop.Store(true)
+	sc.c.SetReadDeadline(http1Past)
+	<-done
+	sc.bgStop.Store(false)
 }
 
 const (
@@ -152,7 +227,10 @@ func (sc *http1ServerConn) serveOne(req *http1Request) bool {
 		http1PutBuf(bp)
 		return false
 	}
+	sc.piped = sc.br.Buffered() > 0
+	req.head.watch = sc.watchFn
 	rep := s.unary(s.baseCtx, req.m, &req.head, *bp)
+	sc.unwatch()
 	http1PutBuf(bp)
 	keep := !req.close
 	return sc.write(rep, keep) && keep

@@ -648,3 +648,34 @@ func TestHTTP1ReviewRegressions(t *testing.T) {
 		assertEqual(t, body, `{"message":"hello dup","node":"g"}`)
 	})
 }
+
+func TestHTTP1CallerHangingUpCancelsTheHandler(t *testing.T) {
+	checkGoroutines(t)
+	echo := &Echo{deadline: make(chan time.Duration, 1), expired: make(chan error, 1)}
+	addr, _ := newTestServer(t, nil, echo)
+	c, _ := rawConn(t, addr)
+	body := `{}`
+	// No Connect-Timeout-Ms: only the hang-up can end the handler.
+	io.WriteString(c, "POST /Echo/Wait HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "+fmt.Sprint(len(body))+"\r\n\r\n"+body)
+	assertEqual(t, <-echo.deadline, time.Duration(0))
+	c.Close()
+	if err := <-echo.expired; !errors.Is(err, context.Canceled) {
+		t.Fatalf("handler's context ended with %v, want canceled", err)
+	}
+
+	// A pipelined request behind one whose handler watches its context is
+	// still served, byte for byte.
+	c2, br := rawConn(t, addr)
+	wait := "POST /Echo/Wait HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnect-Timeout-Ms: 50\r\nContent-Length: 2\r\n\r\n{}"
+	io.WriteString(c2, wait)
+	<-echo.deadline
+	io.WriteString(c2, helloRequest("next", "")) // arrives while the handler watches
+	rsp, _ := readReply(t, br)
+	assertEqual(t, rsp.StatusCode, 504)
+	<-echo.expired
+	rsp, body2 := readReply(t, br)
+	assertEqual(t, rsp.StatusCode, 501) // /Greeter/Hello is not registered here: a clean reply, in step
+	if !strings.Contains(body2, "unimplemented") {
+		t.Fatalf("second reply %q", body2)
+	}
+}

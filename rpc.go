@@ -1,7 +1,6 @@
 package micro
 
 import (
-	"bufio"
 	"bytes"
 	"compress/gzip"
 	"context"
@@ -142,6 +141,8 @@ func (c *rpcCall) realLocked() context.Context {
 		}
 		if c.finished {
 			c.cancel()
+		} else if c.head != nil && c.head.watch != nil {
+			c.head.watch(c.cancel) // the fast path watches its connection from now on
 		}
 	}
 	return c.real
@@ -758,7 +759,8 @@ type rpcHead struct {
 	timeoutMS   uint64 // Connect-Timeout-Ms parsed (0: none)
 	encoding    string // Content-Encoding
 	header      http.Header
-	raw         []byte // "Name: value\r\n" lines
+	raw         []byte              // "Name: value\r\n" lines
+	watch       func(cancel func()) // fast path: cancel when the caller hangs up
 }
 
 // metadata returns the request's metadata.
@@ -954,7 +956,7 @@ func (s *Server) Serve(l net.Listener) error {
 			return err
 		}
 		delay = 0
-		sc := &http1ServerConn{s: s, c: c, br: bufio.NewReaderSize(c, http1HeaderBuffer)}
+		sc := newHTTP1ServerConn(s, c)
 		s.mu.Lock()
 		if s.closed {
 			s.mu.Unlock()
