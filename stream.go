@@ -15,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -74,8 +75,10 @@ type Stream struct {
 	wbuf    []byte
 
 	server bool
-	done   func(error) // client: the balancer's report
-	body   io.Closer   // client: the response body
+	done   func(error)   // client: the balancer's report
+	body   io.Closer     // client: the response body
+	ready  chan struct{} // client: closed once the response has begun (or failed)
+	oerr   error         // client: why it could not open, once ready
 	once   sync.Once
 }
 
@@ -87,9 +90,14 @@ const streamMaxMessage = 4 << 20
 // the stream was opened with.
 func (s *Stream) Context() context.Context { return s.ctx }
 
-// Header returns the metadata the server sent when the stream opened
-// (client side).
-func (s *Stream) Header() MD { return s.header }
+// Header returns the metadata the server sent with its first message (client
+// side). It waits for that, or for the stream to end.
+func (s *Stream) Header() MD {
+	if s.ready != nil {
+		<-s.ready
+	}
+	return s.header
+}
 
 // Trailer returns the metadata the server sent at the end of the stream,
 // once Recv has returned io.EOF or an error (client side).
@@ -168,6 +176,12 @@ func (s *Stream) Recv(msg any) error {
 		return err
 	}
 	s.rmu.Unlock()
+	if s.ready != nil {
+		<-s.ready // the server's reply has begun
+		if s.oerr != nil {
+			return s.end(s.oerr)
+		}
+	}
 	flags, data, err := streamReadEnvelope(s.r, &s.rhdr, &s.rbuf, s.max)
 	switch {
 	case err == io.EOF && s.server:
@@ -263,6 +277,9 @@ func (s *Stream) release(err error) {
 	s.once.Do(func() {
 		s.cancel()
 		s.pw.CloseWithError(io.ErrClosedPipe)
+		if s.ready != nil {
+			<-s.ready // the opening goroutine has ended (the cancel ends it)
+		}
 		if s.body != nil {
 			s.body.Close()
 		}
@@ -446,10 +463,9 @@ func (s *Server) serveStream(w http.ResponseWriter, r *http.Request, m *rpcMetho
 	if enc := r.Header.Get("Connect-Content-Encoding"); enc != "" && enc != "identity" {
 		early = Errorf(CodeUnimplemented, "unsupported Connect-Content-Encoding %q", enc)
 	}
-	// Headers go out as the stream opens, so the caller knows it is open.
+	// Headers go out with the first message or the end of the stream, after
+	// a server stream's request has been read, as connect-go's server does.
 	w.Header().Set("Content-Type", "application/connect+"+streamCodecName(codec.ContentType()))
-	w.WriteHeader(http.StatusOK)
-	rc.Flush()
 
 	st := &Stream{ctx: call, codec: codec, max: min(s.opts.maxBodySize, streamMaxMessage), r: r.Body, w: w, flush: rc.Flush, server: true}
 	req := &Request{Service: s.opts.name, Endpoint: m.name, ContentType: codec.ContentType()}
@@ -521,10 +537,13 @@ func streamEndMessage(err error, trailers MD) []byte {
 }
 
 // Stream opens a stream to endpoint ("Chat.Talk") of service, resolved and
-// balanced as Call is. A node that cannot be reached is replaced by another
-// before the stream opens; once it has opened nothing is retried. The
-// stream's context is ctx (with the call's timeout, if ctx has no deadline,
-// as for Call).
+// balanced as Call is. It returns at once: the request goes out in the
+// background, and Recv and Header wait for the server's reply to begin (a
+// Connect server may answer only when it first sends). A node that cannot be
+// reached is replaced by another as long as no message has gone out; after
+// that nothing is retried. The stream's context is ctx (with the call's
+// timeout, if ctx has no deadline, as for Call). Read the stream to its end
+// or Close it, so that its resources are released.
 func (c *Client) Stream(ctx context.Context, service, endpoint string, opts ...CallOption) (*Stream, error) {
 	md, _ := ctx.Value(rpcOutgoingKey{}).(MD)
 	req := &Request{Service: service, Endpoint: endpoint, Header: make(MD, len(md))}
@@ -574,6 +593,49 @@ func (c *Client) openStream(ctx context.Context, req *Request, opts ...CallOptio
 		cancelTimeout()
 		return nil, err
 	}
+	sctx, cancel := context.WithCancel(ctx)
+	pr, pw := io.Pipe()
+	// net/http's HTTP/2 transport notices a canceled request only when its
+	// read of the body returns: end the pipe with the context, so the stream
+	// is reset and the handler's context ends too.
+	unhook := context.AfterFunc(sctx, func() { pw.CloseWithError(context.Cause(sctx)) })
+	st := &Stream{
+		ctx: ctx, cancel: func() { cancel(); cancelTimeout(); unhook() },
+		codec: codec, max: min(c.opts.maxRspSize, streamMaxMessage),
+		w: pw, pw: pw, ready: make(chan struct{}),
+	}
+	body := &streamBody{r: pr}
+	go c.runStream(sctx, st, body, nodes, req, codec, md, &o)
+	return st, nil
+}
+
+// streamBody is a stream's request body; it notes when the transport has
+// taken message bytes, after which the stream is never retried elsewhere.
+type streamBody struct {
+	r    *io.PipeReader
+	sent atomic.Bool
+}
+
+func (b *streamBody) Read(p []byte) (int, error) {
+	n, err := b.r.Read(p)
+	if n > 0 {
+		b.sent.Store(true)
+	}
+	return n, err
+}
+
+func (b *streamBody) Close() error { return nil } // the pipe ends with the stream, not with one attempt
+
+// runStream opens the stream's HTTP/2 request and waits for the server's
+// reply to begin, which may be only after the caller has sent messages:
+// Connect servers reply when they first send. A node that cannot be reached
+// before any message bytes went out is replaced by another.
+func (c *Client) runStream(ctx context.Context, st *Stream, body *streamBody, nodes []*Node, req *Request, codec Codec, md MD, o *callOptions) {
+	defer close(st.ready)
+	fail := func(err error) {
+		st.oerr = err
+		st.pw.CloseWithError(err) // a blocked Send returns io.EOF; Recv tells why
+	}
 	var tried []string
 	for attempt := 0; ; attempt++ {
 		candidates := nodes
@@ -590,20 +652,21 @@ func (c *Client) openStream(ctx context.Context, req *Request, opts ...CallOptio
 		}
 		node, done, err := c.opts.balancer.Pick(ctx, candidates)
 		if err != nil {
-			cancelTimeout()
-			return nil, Errorf(CodeUnavailable, "micro: service %s: %w", req.Service, err)
+			fail(Errorf(CodeUnavailable, "micro: service %s: %w", req.Service, err))
+			return
 		}
-		st, err := c.dialStream(ctx, cancelTimeout, node.Address, req, codec, md)
+		hrsp, err := c.streamRequest(ctx, node.Address, req, codec, md, body)
 		if err == nil {
 			st.done = done
-			return st, nil
+			st.r, st.body, st.header = hrsp.Body, hrsp.Body, rpcResponseMetadata(hrsp.Header)
+			return
 		}
 		if done != nil {
 			done(err)
 		}
-		if !rpcRetryable(err) || ctx.Err() != nil || attempt >= o.retries || !c.budget.withdraw() {
-			cancelTimeout()
-			return nil, err
+		if !rpcRetryable(err) || body.sent.Load() || ctx.Err() != nil || attempt >= o.retries || !c.budget.withdraw() {
+			fail(err)
+			return
 		}
 		tried = append(tried, node.Address)
 	}
@@ -618,38 +681,29 @@ func slicesContains(s []string, v string) bool {
 	return false
 }
 
-// dialStream opens the stream's HTTP/2 request at addr and waits for the
-// server to say it is open (its headers).
-func (c *Client) dialStream(ctx context.Context, cancelTimeout context.CancelFunc, addr string, req *Request, codec Codec, md MD) (*Stream, error) {
+// streamRequest sends the stream's request to addr and returns the reply
+// once it has begun.
+func (c *Client) streamRequest(ctx context.Context, addr string, req *Request, codec Codec, md MD, body *streamBody) (*http.Response, error) {
 	if !rpcValidAddr(addr) {
 		return nil, Errorf(CodeInvalidArgument, "micro: bad node address %q", addr)
 	}
-	sctx, cancel := context.WithCancel(ctx)
-	pr, pw := io.Pipe()
-	// net/http's HTTP/2 transport notices a canceled request only when its
-	// read of the body returns: end the pipe with the context, so the stream
-	// is reset and the handler's context ends too.
-	unhook := context.AfterFunc(sctx, func() { pw.CloseWithError(context.Cause(sctx)) })
-	stop := func() { cancel(); cancelTimeout(); unhook() }
 	dot := strings.LastIndexByte(req.Endpoint, '.')
 	url := "http://" + addr + "/" + req.Endpoint[:dot] + "/" + req.Endpoint[dot+1:]
-	hreq, err := http.NewRequestWithContext(sctx, http.MethodPost, url, pr)
+	hreq, err := http.NewRequestWithContext(ctx, http.MethodPost, url, body)
 	if err != nil {
-		stop()
 		return nil, Errorf(CodeInvalidArgument, "micro: bad address %q: %w", addr, err)
 	}
 	for k, v := range md {
 		hreq.Header.Set(k, v)
 	}
-	hreq.Header.Set("Content-Type", "application/connect+"+streamCodecName(codec.ContentType()))
+	want := "application/connect+" + streamCodecName(codec.ContentType())
+	hreq.Header.Set("Content-Type", want)
 	hreq.Header.Set("Connect-Protocol-Version", "1")
 	if dl, ok := ctx.Deadline(); ok {
 		hreq.Header.Set("Connect-Timeout-Ms", strconv.FormatInt(min(max(time.Until(dl).Milliseconds(), 1), 9_999_999_999), 10))
 	}
 	hrsp, err := c.streamClient().Do(hreq)
 	if err != nil {
-		stop()
-		pw.Close()
 		var op *net.OpError
 		unsent := errors.As(err, &op) && op.Op == "dial"
 		return nil, rpcTransportError(ctx, time.Time{}, addr, err, unsent)
@@ -657,21 +711,13 @@ func (c *Client) dialStream(ctx context.Context, cancelTimeout context.CancelFun
 	if hrsp.StatusCode != http.StatusOK {
 		b, _ := io.ReadAll(io.LimitReader(hrsp.Body, 64<<10))
 		hrsp.Body.Close()
-		stop()
-		pw.Close()
 		return nil, rpcReadError(hrsp.StatusCode, hrsp.Header, b)
 	}
-	if got, want := codecMediaType(hrsp.Header.Get("Content-Type")), "application/connect+"+streamCodecName(codec.ContentType()); got != want {
+	if got := codecMediaType(hrsp.Header.Get("Content-Type")); got != want {
 		hrsp.Body.Close()
-		stop()
-		pw.Close()
 		return nil, Errorf(CodeInternal, "micro: stream content type %q, want %q", got, want)
 	}
-	return &Stream{
-		ctx: ctx, cancel: stop, codec: codec, max: min(c.opts.maxRspSize, streamMaxMessage),
-		r: hrsp.Body, body: hrsp.Body, header: rpcResponseMetadata(hrsp.Header),
-		w: pw, pw: pw,
-	}, nil
+	return hrsp, nil
 }
 
 // streamClient returns the HTTP client streams use: HTTP/2 over cleartext
