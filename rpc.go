@@ -1330,19 +1330,7 @@ func (c *Client) callService(ctx context.Context, req *Request, rsp any, opts ..
 	c.budget.deposit()
 	var tried []string
 	for attempt := 0; ; attempt++ {
-		candidates := nodes
-		if len(tried) > 0 {
-			candidates = make([]*Node, 0, len(nodes))
-			for _, n := range nodes {
-				if !slices.Contains(tried, n.Address) {
-					candidates = append(candidates, n)
-				}
-			}
-			if len(candidates) == 0 {
-				candidates = nodes
-			}
-		}
-		node, done, err := c.opts.balancer.Pick(ctx, candidates)
+		node, done, err := c.opts.balancer.Pick(ctx, rpcUntried(nodes, tried))
 		if err != nil {
 			return Errorf(CodeUnavailable, "micro: service %s: %w", req.Service, err)
 		}
@@ -1476,6 +1464,24 @@ func (c *Client) finish(head *http1Head, body []byte, codec Codec, rsp any, o *c
 		return Errorf(CodeInternal, "micro: decoding the response: %w", err)
 	}
 	return nil
+}
+
+// rpcUntried returns the nodes not yet tried by a call, or all of them if
+// every one has been.
+func rpcUntried(nodes []*Node, tried []string) []*Node {
+	if len(tried) == 0 {
+		return nodes
+	}
+	out := make([]*Node, 0, len(nodes))
+	for _, n := range nodes {
+		if !slices.Contains(tried, n.Address) {
+			out = append(out, n)
+		}
+	}
+	if len(out) == 0 {
+		return nodes
+	}
+	return out
 }
 
 // rpcTransportError reports a failure to reach a node: the context's error if

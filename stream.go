@@ -638,19 +638,7 @@ func (c *Client) runStream(ctx context.Context, st *Stream, body *streamBody, no
 	}
 	var tried []string
 	for attempt := 0; ; attempt++ {
-		candidates := nodes
-		if len(tried) > 0 {
-			candidates = make([]*Node, 0, len(nodes))
-			for _, n := range nodes {
-				if !slicesContains(tried, n.Address) {
-					candidates = append(candidates, n)
-				}
-			}
-			if len(candidates) == 0 {
-				candidates = nodes
-			}
-		}
-		node, done, err := c.opts.balancer.Pick(ctx, candidates)
+		node, done, err := c.opts.balancer.Pick(ctx, rpcUntried(nodes, tried))
 		if err != nil {
 			fail(Errorf(CodeUnavailable, "micro: service %s: %w", req.Service, err))
 			return
@@ -670,15 +658,6 @@ func (c *Client) runStream(ctx context.Context, st *Stream, body *streamBody, no
 		}
 		tried = append(tried, node.Address)
 	}
-}
-
-func slicesContains(s []string, v string) bool {
-	for _, x := range s {
-		if x == v {
-			return true
-		}
-	}
-	return false
 }
 
 // streamRequest sends the stream's request to addr and returns the reply
