@@ -15,7 +15,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 )
 
@@ -70,7 +69,7 @@ type Stream struct {
 	wmu     sync.Mutex
 	w       io.Writer
 	flush   func() error // server: push what was written
-	pw      *io.PipeWriter
+	pw      *streamPipe
 	wclosed bool
 	wbuf    []byte
 
@@ -541,9 +540,10 @@ func streamEndMessage(err error, trailers MD) []byte {
 // background, and Recv and Header wait for the server's reply to begin (a
 // Connect server may answer only when it first sends). A node that cannot be
 // reached is replaced by another as long as no message has gone out; after
-// that nothing is retried. The stream's context is ctx (with the call's
-// timeout, if ctx has no deadline, as for Call). Read the stream to its end
-// or Close it, so that its resources are released.
+// that nothing is retried. The stream's context is ctx: a stream has no
+// default timeout (the client's RequestTimeout is for calls), but a
+// RequestTimeout given here bounds it. Read the stream to its end or Close
+// it, so that its resources are released.
 func (c *Client) Stream(ctx context.Context, service, endpoint string, opts ...CallOption) (*Stream, error) {
 	md, _ := ctx.Value(rpcOutgoingKey{}).(MD)
 	req := &Request{Service: service, Endpoint: endpoint, Header: make(MD, len(md))}
@@ -564,6 +564,7 @@ func (c *Client) openStream(ctx context.Context, req *Request, opts ...CallOptio
 		return nil, &Error{Code: CodeCanceled, Message: "micro: client closed", cause: ErrClosed}
 	}
 	o := c.opts.call
+	o.timeout = 0 // a stream lives as long as its caller wants: no default timeout
 	for _, opt := range opts {
 		opt.applyCall(&o)
 	}
@@ -594,7 +595,7 @@ func (c *Client) openStream(ctx context.Context, req *Request, opts ...CallOptio
 		return nil, err
 	}
 	sctx, cancel := context.WithCancel(ctx)
-	pr, pw := io.Pipe()
+	pw := newStreamPipe(streamPipeBuffer)
 	// net/http's HTTP/2 transport notices a canceled request only when its
 	// read of the body returns: end the pipe with the context, so the stream
 	// is reset and the handler's context ends too.
@@ -604,33 +605,111 @@ func (c *Client) openStream(ctx context.Context, req *Request, opts ...CallOptio
 		codec: codec, max: min(c.opts.maxRspSize, streamMaxMessage),
 		w: pw, pw: pw, ready: make(chan struct{}),
 	}
-	body := &streamBody{r: pr}
-	go c.runStream(sctx, st, body, nodes, req, codec, md, &o)
+	go c.runStream(sctx, st, pw, nodes, req, codec, md, &o)
 	return st, nil
 }
 
-// streamBody is a stream's request body; it notes when the transport has
-// taken message bytes, after which the stream is never retried elsewhere.
-type streamBody struct {
-	r    *io.PipeReader
-	sent atomic.Bool
+// streamPipeBuffer bounds what a client stream queues for the transport.
+const streamPipeBuffer = 64 << 10
+
+// streamPipe is a client stream's request body. Send appends to a bounded
+// buffer and the transport takes all that is queued in one read, so messages
+// sent together leave in one HTTP/2 frame (io.Pipe would hand over one
+// message a read, a frame and a write each). A full buffer blocks Send until
+// the transport, held back by HTTP/2 flow control, takes more: the writer
+// waits for its reader, and nothing queues past the bound.
+type streamPipe struct {
+	mu     sync.Mutex
+	cond   sync.Cond
+	buf    []byte
+	max    int
+	closed bool  // CloseSend: the transport reads io.EOF once buf is empty
+	err    error // the stream ended: both sides get err
+	sent   bool  // the transport has taken bytes: the stream is not retried
 }
 
-func (b *streamBody) Read(p []byte) (int, error) {
-	n, err := b.r.Read(p)
-	if n > 0 {
-		b.sent.Store(true)
+func newStreamPipe(max int) *streamPipe {
+	p := &streamPipe{max: max}
+	p.cond.L = &p.mu
+	return p
+}
+
+// Write queues b; it blocks while the buffer is full. (A message larger than
+// the buffer goes in when the buffer is empty.)
+func (p *streamPipe) Write(b []byte) (int, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for p.err == nil && !p.closed && len(p.buf) > 0 && len(p.buf)+len(b) > p.max {
+		p.cond.Wait()
 	}
-	return n, err
+	switch {
+	case p.err != nil:
+		return 0, p.err
+	case p.closed:
+		return 0, io.ErrClosedPipe
+	}
+	p.buf = append(p.buf, b...)
+	p.cond.Broadcast()
+	return len(b), nil
 }
 
-func (b *streamBody) Close() error { return nil } // the pipe ends with the stream, not with one attempt
+// Read gives the transport everything queued, up to len(b).
+func (p *streamPipe) Read(b []byte) (int, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for len(p.buf) == 0 && !p.closed && p.err == nil {
+		p.cond.Wait()
+	}
+	if len(p.buf) > 0 && p.err == nil {
+		n := copy(b, p.buf)
+		p.buf = p.buf[:copy(p.buf, p.buf[n:])]
+		p.sent = true
+		p.cond.Broadcast()
+		return n, nil
+	}
+	if p.err != nil {
+		return 0, p.err
+	}
+	return 0, io.EOF
+}
+
+// Close ends the sending side: what is queued still goes out, then EOF.
+func (p *streamPipe) Close() error {
+	p.mu.Lock()
+	p.closed = true
+	p.cond.Broadcast()
+	p.mu.Unlock()
+	return nil
+}
+
+// CloseWithError ends the stream for both sides.
+func (p *streamPipe) CloseWithError(err error) {
+	p.mu.Lock()
+	if p.err == nil {
+		p.err = err
+		p.buf = nil
+	}
+	p.cond.Broadcast()
+	p.mu.Unlock()
+}
+
+func (p *streamPipe) taken() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.sent
+}
+
+// streamBody is what the transport sees of the pipe: its Close (called when
+// an attempt ends) must not end the stream, which may yet go to another node.
+type streamBody struct{ *streamPipe }
+
+func (streamBody) Close() error { return nil }
 
 // runStream opens the stream's HTTP/2 request and waits for the server's
 // reply to begin, which may be only after the caller has sent messages:
 // Connect servers reply when they first send. A node that cannot be reached
 // before any message bytes went out is replaced by another.
-func (c *Client) runStream(ctx context.Context, st *Stream, body *streamBody, nodes []*Node, req *Request, codec Codec, md MD, o *callOptions) {
+func (c *Client) runStream(ctx context.Context, st *Stream, pipe *streamPipe, nodes []*Node, req *Request, codec Codec, md MD, o *callOptions) {
 	defer close(st.ready)
 	fail := func(err error) {
 		st.oerr = err
@@ -643,7 +722,7 @@ func (c *Client) runStream(ctx context.Context, st *Stream, body *streamBody, no
 			fail(Errorf(CodeUnavailable, "micro: service %s: %w", req.Service, err))
 			return
 		}
-		hrsp, err := c.streamRequest(ctx, node.Address, req, codec, md, body)
+		hrsp, err := c.streamRequest(ctx, node.Address, req, codec, md, streamBody{pipe})
 		if err == nil {
 			st.done = done
 			st.r, st.body, st.header = hrsp.Body, hrsp.Body, rpcResponseMetadata(hrsp.Header)
@@ -652,7 +731,7 @@ func (c *Client) runStream(ctx context.Context, st *Stream, body *streamBody, no
 		if done != nil {
 			done(err)
 		}
-		if !rpcRetryable(err) || body.sent.Load() || ctx.Err() != nil || attempt >= o.retries || !c.budget.withdraw() {
+		if !rpcRetryable(err) || pipe.taken() || ctx.Err() != nil || attempt >= o.retries || !c.budget.withdraw() {
 			fail(err)
 			return
 		}
@@ -662,7 +741,7 @@ func (c *Client) runStream(ctx context.Context, st *Stream, body *streamBody, no
 
 // streamRequest sends the stream's request to addr and returns the reply
 // once it has begun.
-func (c *Client) streamRequest(ctx context.Context, addr string, req *Request, codec Codec, md MD, body *streamBody) (*http.Response, error) {
+func (c *Client) streamRequest(ctx context.Context, addr string, req *Request, codec Codec, md MD, body io.ReadCloser) (*http.Response, error) {
 	if !rpcValidAddr(addr) {
 		return nil, Errorf(CodeInvalidArgument, "micro: bad node address %q", addr)
 	}

@@ -273,20 +273,23 @@ func TestStreamLimitsAndManyStreamsOnOneConnection(t *testing.T) {
 	defer func() { srv.Close(); <-done }()
 	client := newTestClient(t, WithAddress(ln.Addr().String()))
 
-	// A stream kept open across the oversized one.
+	// A stream kept open across the oversized one; its first echo means the
+	// connection is up, so the streams below share it.
 	keep, err := client.Stream(context.Background(), "chat", "Chat.Echo")
 	assertNoError(t, err)
 	assertNoError(t, keep.Send(&Num{N: 1}))
+	var m Num
+	assertNoError(t, keep.Recv(&m))
 
 	big, err := client.Stream(context.Background(), "chat", "Chat.Echo")
 	assertNoError(t, err)
 	assertNoError(t, big.Send(&Num{S: strings.Repeat("x", 2000)}))
-	var m Num
 	assertCode(t, big.Recv(&m), CodeResourceExhausted)
 
 	// The other stream on the connection goes on.
+	assertNoError(t, keep.Send(&Num{N: 2}))
 	assertNoError(t, keep.Recv(&m))
-	assertEqual(t, m.N, 1)
+	assertEqual(t, m.N, 2)
 	assertNoError(t, keep.CloseSend())
 	if err := keep.Recv(&m); err != io.EOF {
 		t.Fatalf("end: %v", err)
@@ -491,5 +494,58 @@ func TestStreamOverRealHTTP1(t *testing.T) {
 		}
 		rsp.Body.Close()
 		assertEqual(t, strings.Join(got, " "), strings.Join(tt.want, " "))
+	}
+}
+
+func TestStreamPipe(t *testing.T) {
+	p := newStreamPipe(10)
+	// Messages queued together leave in one read.
+	for _, m := range []string{"ab", "cd", "ef"} {
+		n, err := p.Write([]byte(m))
+		assertNoError(t, err)
+		assertEqual(t, n, 2)
+	}
+	buf := make([]byte, 64)
+	n, err := p.Read(buf)
+	assertNoError(t, err)
+	assertEqual(t, string(buf[:n]), "abcdef")
+	assertEqual(t, p.taken(), true)
+
+	// A full buffer holds the writer until the reader takes some.
+	_, err = p.Write([]byte("0123456789"))
+	assertNoError(t, err)
+	wrote := make(chan error, 1)
+	go func() {
+		_, err := p.Write([]byte("xy"))
+		wrote <- err
+	}()
+	n, err = p.Read(buf[:4])
+	assertNoError(t, err)
+	assertEqual(t, string(buf[:n]), "0123")
+	assertNoError(t, <-wrote)
+	n, _ = p.Read(buf)
+	assertEqual(t, string(buf[:n]), "456789xy")
+
+	// CloseSend: what is queued still goes out, then EOF; no more writes.
+	p.Write([]byte("z"))
+	p.Close()
+	if _, err := p.Write([]byte("late")); err == nil {
+		t.Fatal("Write after Close succeeded")
+	}
+	n, _ = p.Read(buf)
+	assertEqual(t, string(buf[:n]), "z")
+	if _, err := p.Read(buf); err != io.EOF {
+		t.Fatalf("after the last byte: %v", err)
+	}
+
+	// CloseWithError: both sides get the error, queued bytes are dropped.
+	q := newStreamPipe(10)
+	q.Write([]byte("lost"))
+	q.CloseWithError(context.Canceled)
+	if _, err := q.Read(buf); !errors.Is(err, context.Canceled) {
+		t.Fatalf("Read: %v", err)
+	}
+	if _, err := q.Write([]byte("x")); !errors.Is(err, context.Canceled) {
+		t.Fatalf("Write: %v", err)
 	}
 }
