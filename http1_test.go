@@ -253,7 +253,7 @@ func fakeServer(t *testing.T, reply func(c net.Conn)) string {
 // closingServer answers its first request on each connection, then hangs up
 // (or, with midReply, hangs up halfway through the reply). It counts the
 // connections.
-func closingServer(t *testing.T, midReply bool) (string, func() int) {
+func closingServer(t *testing.T, midReply bool, closed chan<- struct{}) (string, func() int) {
 	t.Helper()
 	var mu sync.Mutex
 	conns := 0
@@ -267,6 +267,10 @@ func closingServer(t *testing.T, midReply bool) (string, func() int) {
 		conns++
 		mu.Unlock()
 		io.WriteString(c, reply)
+		c.Close()
+		if closed != nil {
+			closed <- struct{}{}
+		}
 	})
 	return addr, func() int {
 		mu.Lock()
@@ -277,18 +281,24 @@ func closingServer(t *testing.T, midReply bool) (string, func() int) {
 
 func TestHTTP1ClientAndClosingServers(t *testing.T) {
 	checkGoroutines(t)
-	t.Run("idle connection closed by the server: retried on a fresh one", func(t *testing.T) {
-		addr, conns := closingServer(t, false)
+	t.Run("a pooled connection the server has closed is not used", func(t *testing.T) {
+		// The server hangs up after each reply (without saying so); once it
+		// has, the next call sees the closed connection before writing on
+		// it, and dials afresh. (Had the call been written first, it would
+		// fail rather than run twice: see the next subtest.)
+		closed := make(chan struct{}, 1)
+		addr, conns := closingServer(t, false, closed)
 		client := newTestClient(t, WithAddress(addr), Retries(0))
 		for i := 0; i < 3; i++ {
 			var rsp HelloResponse
 			assertNoError(t, client.Call(context.Background(), "x", "Greeter.Hello", &HelloRequest{}, &rsp))
 			assertEqual(t, rsp.Message, "hi")
+			<-closed
 		}
 		assertEqual(t, conns(), 3)
 	})
 	t.Run("closed mid-reply: a clean error, not retried", func(t *testing.T) {
-		addr, conns := closingServer(t, true)
+		addr, conns := closingServer(t, true, nil)
 		client := newTestClient(t, WithAddress(addr))
 		var rsp HelloResponse
 		err := client.Call(context.Background(), "x", "Greeter.Hello", &HelloRequest{}, &rsp)
