@@ -117,9 +117,9 @@ func (s *Stream) SetTrailer(key, value string) {
 	s.trail.Set(key, value)
 }
 
-// Send encodes msg and writes it to the peer. It blocks while the peer is
-// not reading (flow control). On the client it returns io.EOF once the
-// stream has ended; Recv then tells how.
+// Send encodes msg and writes it to the peer; msg may be reused once Send
+// returns. It blocks while the peer is not reading (flow control). On the
+// client it returns io.EOF once the stream has ended; Recv then tells how.
 func (s *Stream) Send(msg any) error {
 	b, err := s.codec.Marshal(msg)
 	if err != nil {
