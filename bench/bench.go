@@ -1,14 +1,17 @@
 // Package bench measures unary RPC in micro against its peers: raw TCP,
-// net/rpc, grpc-go, connect-go, stock net/http, and micro itself.
+// net/rpc, grpc-go, connect-go, stock net/http, and micro itself; and
+// bidirectional streams in micro, grpc-go and connect-go.
 //
 // Every implementation echoes a payload of bytes. [Serve] runs one
 // implementation's server in its own process and answers a small control
 // protocol on stdin and stdout; [Run] drives the matrix from another process,
 // starting a server process for every measurement, so client and server never
-// share a heap or a scheduler. The command cmd/rpcbench wraps both.
+// share a heap or a scheduler. [ServeStream] and [RunStream] do the same for
+// streams. The command cmd/rpcbench wraps all four.
 //
 // An implementation lives in a file of its own and registers itself in that
-// file's init with benchRegister: adding one is adding a file.
+// file's init with benchImpls.register (streamImpls.register for streams):
+// adding one is adding a file.
 package bench
 
 import (
@@ -35,55 +38,67 @@ type benchImpl interface {
 // benchCallFunc makes one echo call.
 type benchCallFunc func(ctx context.Context, payload []byte) ([]byte, error)
 
-// benchEntry is a registered implementation.
-type benchEntry struct {
-	name  string
-	rank  int    // position in the default order
-	about string // one line for -list and the README
-	impl  benchImpl
+// registry holds the implementations of one kind (unary or streaming) by
+// name. It is written only by the init functions of the implementation files
+// and never after.
+type registry[I any] struct {
+	kind    string // "implementation" or "stream implementation", for messages
+	entries map[string]registryEntry[I]
 }
 
-// benchImpls holds every implementation by name. It is written only by the
-// init functions of the implementation files and never after.
-var benchImpls = map[string]*benchEntry{}
+type registryEntry[I any] struct {
+	rank  int    // position in the default order
+	about string // one line for -list and the README
+	impl  I
+}
 
-func benchRegister(name string, rank int, about string, impl benchImpl) {
-	if _, dup := benchImpls[name]; dup {
-		panic("bench: implementation " + name + " registered twice")
+func newRegistry[I any](kind string) *registry[I] {
+	return &registry[I]{kind: kind, entries: map[string]registryEntry[I]{}}
+}
+
+// benchImpls holds every unary implementation by name.
+var benchImpls = newRegistry[benchImpl]("implementation")
+
+func (r *registry[I]) register(name string, rank int, about string, impl I) {
+	if _, dup := r.entries[name]; dup {
+		panic("bench: " + r.kind + " " + name + " registered twice")
 	}
-	benchImpls[name] = &benchEntry{name: name, rank: rank, about: about, impl: impl}
+	r.entries[name] = registryEntry[I]{rank: rank, about: about, impl: impl}
+}
+
+// names returns the names in their default order, by rank.
+func (r *registry[I]) names() []string {
+	names := make([]string, 0, len(r.entries))
+	for name := range r.entries {
+		names = append(names, name)
+	}
+	slices.SortFunc(names, func(a, b string) int { return r.entries[a].rank - r.entries[b].rank })
+	return names
+}
+
+// about returns the one-line description of name, or "".
+func (r *registry[I]) about(name string) string { return r.entries[name].about }
+
+// known reports an error unless name is registered.
+func (r *registry[I]) known(name string) error {
+	_, err := r.lookup(name)
+	return err
+}
+
+func (r *registry[I]) lookup(name string) (I, error) {
+	e, ok := r.entries[name]
+	if !ok {
+		return e.impl, fmt.Errorf("bench: unknown %s %q; have %v", r.kind, name, r.names())
+	}
+	return e.impl, nil
 }
 
 // Impls returns the names of the implementations in their default order: the
 // floor (raw TCP) first, micro last.
-func Impls() []string {
-	entries := make([]*benchEntry, 0, len(benchImpls))
-	for _, e := range benchImpls {
-		entries = append(entries, e)
-	}
-	slices.SortFunc(entries, func(a, b *benchEntry) int { return a.rank - b.rank })
-	names := make([]string, len(entries))
-	for i, e := range entries {
-		names[i] = e.name
-	}
-	return names
-}
+func Impls() []string { return benchImpls.names() }
 
 // About returns a one-line description of the implementation name, or "".
-func About(name string) string {
-	if e, ok := benchImpls[name]; ok {
-		return e.about
-	}
-	return ""
-}
-
-func benchLookup(name string) (benchImpl, error) {
-	e, ok := benchImpls[name]
-	if !ok {
-		return nil, fmt.Errorf("bench: unknown implementation %q; have %v", name, Impls())
-	}
-	return e.impl, nil
-}
+func About(name string) string { return benchImpls.about(name) }
 
 // benchCloserFunc adapts a func to io.Closer.
 type benchCloserFunc func() error

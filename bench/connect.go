@@ -2,7 +2,6 @@ package bench
 
 import (
 	"context"
-	"errors"
 	"io"
 	"net"
 	"net/http"
@@ -19,8 +18,8 @@ type connectImpl struct {
 }
 
 func init() {
-	benchRegister("connect", 30, "connect-go, HTTP/1.1, proto codec, gzip off", connectImpl{})
-	benchRegister("connect-json", 31, "connect-go, HTTP/1.1, protojson codec, gzip off", connectImpl{json: true})
+	benchImpls.register("connect", 30, "connect-go, HTTP/1.1, proto codec, gzip off", connectImpl{})
+	benchImpls.register("connect-json", 31, "connect-go, HTTP/1.1, protojson codec, gzip off", connectImpl{json: true})
 }
 
 const connectProcedure = "/bench.Echo/Echo"
@@ -38,7 +37,7 @@ func (connectImpl) serve(l net.Listener) (io.Closer, error) {
 		func(_ context.Context, req *connect.Request[wrapperspb.BytesValue]) (*connect.Response[wrapperspb.BytesValue], error) {
 			return connect.NewResponse(req.Msg), nil
 		}, connectNoGzip))
-	return benchServeHTTP(l, mux), nil
+	return benchServeHTTP(l, mux, benchHTTP1()), nil
 }
 
 func (c connectImpl) newCaller(addr string) (benchCallFunc, io.Closer, error) {
@@ -61,17 +60,13 @@ func (c connectImpl) newCaller(addr string) (benchCallFunc, io.Closer, error) {
 	}), nil
 }
 
-// benchServeHTTP serves h with HTTP/1.1 only on l, as connect and nethttp do.
-func benchServeHTTP(l net.Listener, h http.Handler) io.Closer {
-	protocols := new(http.Protocols)
-	protocols.SetHTTP1(true)
+// benchServeHTTP serves h on l with net/http, speaking protocols only.
+func benchServeHTTP(l net.Listener, h http.Handler, protocols *http.Protocols) io.Closer {
 	hs := &http.Server{Handler: h, Protocols: protocols, ReadHeaderTimeout: 10 * time.Second}
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		if err := hs.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			return
-		}
+		hs.Serve(l) // returns http.ErrServerClosed once Close is called
 	}()
 	return benchCloserFunc(func() error {
 		err := hs.Close()
@@ -84,14 +79,27 @@ func benchServeHTTP(l net.Listener, h http.Handler) io.Closer {
 // for each of up to 256 concurrent callers (the default keeps 2, which would
 // measure dialing, not calling).
 func benchHTTPClient() *http.Client {
-	protocols := new(http.Protocols)
-	protocols.SetHTTP1(true)
 	return &http.Client{Transport: &http.Transport{
 		Proxy:               nil,
 		MaxIdleConns:        1024,
 		MaxIdleConnsPerHost: 256,
 		IdleConnTimeout:     90 * time.Second,
 		DisableCompression:  true,
-		Protocols:           protocols,
+		Protocols:           benchHTTP1(),
 	}}
+}
+
+// benchHTTP1 is HTTP/1.1 only, as connect and nethttp speak.
+func benchHTTP1() *http.Protocols {
+	p := new(http.Protocols)
+	p.SetHTTP1(true)
+	return p
+}
+
+// benchH2C is HTTP/2 over cleartext only (prior knowledge), as the
+// streaming connect speaks.
+func benchH2C() *http.Protocols {
+	p := new(http.Protocols)
+	p.SetUnencryptedHTTP2(true)
+	return p
 }

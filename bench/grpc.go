@@ -16,7 +16,7 @@ import (
 type grpcImpl struct{}
 
 func init() {
-	benchRegister("grpc", 20, "grpc-go, insecure HTTP/2, wrapperspb.BytesValue, one ClientConn", grpcImpl{})
+	benchImpls.register("grpc", 20, "grpc-go, insecure HTTP/2, wrapperspb.BytesValue, one ClientConn", grpcImpl{})
 }
 
 // grpcEchoServer is what grpcServiceDesc's HandlerType names.
@@ -58,8 +58,14 @@ func grpcEchoHandler(srv any, ctx context.Context, dec func(any) error, intercep
 }
 
 func (grpcImpl) serve(l net.Listener) (io.Closer, error) {
+	return grpcServe(l, &grpcServiceDesc, grpcEcho{}), nil
+}
+
+// grpcServe serves the service desc describes, implemented by impl, on l
+// with a default grpc.Server, as grpc and its streaming twin do.
+func grpcServe(l net.Listener, desc *grpc.ServiceDesc, impl any) io.Closer {
 	srv := grpc.NewServer()
-	srv.RegisterService(&grpcServiceDesc, grpcEcho{})
+	srv.RegisterService(desc, impl)
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
@@ -69,11 +75,17 @@ func (grpcImpl) serve(l net.Listener) (io.Closer, error) {
 		srv.Stop()
 		<-done
 		return nil
-	}), nil
+	})
+}
+
+// grpcDial returns a ClientConn to addr, insecure, that does not resolve
+// the address.
+func grpcDial(addr string) (*grpc.ClientConn, error) {
+	return grpc.NewClient("passthrough:///"+addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 }
 
 func (grpcImpl) newCaller(addr string) (benchCallFunc, io.Closer, error) {
-	conn, err := grpc.NewClient("passthrough:///"+addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := grpcDial(addr)
 	if err != nil {
 		return nil, nil, err
 	}

@@ -17,8 +17,8 @@ type microImpl struct {
 }
 
 func init() {
-	benchRegister("micro", 50, "micro Server/Client, Connect unary over HTTP/1.1, bytes codec", microImpl{})
-	benchRegister("micro-json", 51, "micro Server/Client, Connect unary over HTTP/1.1, JSON codec, struct{Data []byte}", microImpl{json: true})
+	benchImpls.register("micro", 50, "micro Server/Client, Connect unary over HTTP/1.1, bytes codec", microImpl{})
+	benchImpls.register("micro-json", 51, "micro Server/Client, Connect unary over HTTP/1.1, JSON codec, struct{Data []byte}", microImpl{json: true})
 }
 
 // EchoMessage is micro-json's request and response. It is exported because
@@ -42,12 +42,18 @@ func (*microJSONEcho) Echo(_ context.Context, req *EchoMessage) (*EchoMessage, e
 }
 
 func (m microImpl) serve(l net.Listener) (io.Closer, error) {
-	srv := micro.NewServer()
 	var h any = new(microEcho)
 	if m.json {
 		h = new(microJSONEcho)
 	}
-	if err := micro.RegisterHandler(srv, h, micro.HandlerName("bench.Echo")); err != nil {
+	return microServe(l, h, "bench.Echo")
+}
+
+// microServe serves handler, registered under name, on l with a default
+// micro.Server, as micro and its streaming twin do.
+func microServe(l net.Listener, handler any, name string) (io.Closer, error) {
+	srv := micro.NewServer()
+	if err := micro.RegisterHandler(srv, handler, micro.HandlerName(name)); err != nil {
 		return nil, err
 	}
 	done := make(chan error, 1)

@@ -16,7 +16,7 @@ import (
 type nethttpImpl struct{}
 
 func init() {
-	benchRegister("nethttp", 40, "stock net/http HTTP/1.1 server and client POSTing raw bytes", nethttpImpl{})
+	benchImpls.register("nethttp", 40, "stock net/http HTTP/1.1 server and client POSTing raw bytes", nethttpImpl{})
 }
 
 func (nethttpImpl) serve(l net.Listener) (io.Closer, error) {
@@ -33,7 +33,7 @@ func (nethttpImpl) serve(l net.Listener) (io.Closer, error) {
 		w.Header().Set("Content-Length", strconv.Itoa(buf.Len()))
 		w.Write(buf.Bytes())
 	})
-	return benchServeHTTP(l, h), nil
+	return benchServeHTTP(l, h, benchHTTP1()), nil
 }
 
 func (nethttpImpl) newCaller(addr string) (benchCallFunc, io.Closer, error) {

@@ -12,7 +12,7 @@ import (
 type netrpcImpl struct{}
 
 func init() {
-	benchRegister("netrpc", 10, "net/rpc with gob over one multiplexed TCP connection", netrpcImpl{})
+	benchImpls.register("netrpc", 10, "net/rpc with gob over one multiplexed TCP connection", netrpcImpl{})
 }
 
 // NetRPCEcho is the net/rpc service; net/rpc serves exported types only.

@@ -18,7 +18,7 @@ import (
 type rawImpl struct{}
 
 func init() {
-	benchRegister("raw", 0, "raw TCP ping-pong: 4-byte length prefix + payload, echoed; pooled connections", rawImpl{})
+	benchImpls.register("raw", 0, "raw TCP ping-pong: 4-byte length prefix + payload, echoed; pooled connections", rawImpl{})
 }
 
 // rawMaxFrame bounds a frame, so a stray client cannot make the server

@@ -18,85 +18,112 @@ type Report struct {
 	ProfileFiles [2]string // its server and client profiles
 }
 
-// Row is one cell of the matrix: each figure is the median of that figure
-// over the rounds, taken on its own.
+// Row is one cell of the matrix and its [Summary].
 type Row struct {
 	Impl    string
 	Payload int
 	Callers int
-	Rounds  int // samples the medians are taken over
+	Summary // Rate in calls per second; costs per call
+}
 
-	Rate         float64 // calls per second
+// Summary is one implementation's figures in one cell over the rounds: each
+// is the median of that figure over the rounds, taken on its own. An
+// operation is a call, or a streamed message.
+type Summary struct {
+	Rounds int // samples the medians are taken over
+
+	Rate         float64 // operations per second
 	RateSpread   float64 // (max-min)/median of the rate over the rounds
 	P50, P99     time.Duration
-	CPU          time.Duration // client and server CPU time per call
+	CPU          time.Duration // client and server CPU time per operation
 	ClientAllocs float64
 	ServerAllocs float64
-	Bytes        float64 // client and server bytes allocated per call
+	Bytes        float64 // client and server bytes allocated per operation
 	Errors       int64   // over all rounds
 	FirstError   string
 
 	VsGRPC float64 // Rate over grpc's in the same cell; 0 without grpc
 }
 
-// Allocs returns the heap allocations per call on both sides.
-func (r Row) Allocs() float64 { return r.ClientAllocs + r.ServerAllocs }
+// Allocs returns the heap allocations per operation on both sides.
+func (s Summary) Allocs() float64 { return s.ClientAllocs + s.ServerAllocs }
 
 // summarise fills Rows from Samples.
 func (rep *Report) summarise() {
-	type key struct {
-		impl            string
-		payload, caller int
-	}
-	groups := map[key][]Sample{}
-	for _, s := range rep.Samples {
-		k := key{s.Impl, s.Payload, s.Callers}
-		groups[k] = append(groups[k], s)
-	}
 	rep.Rows = rep.Rows[:0]
-	for _, payload := range rep.Config.Payloads {
-		for _, callers := range rep.Config.Callers {
-			grpcRate := 0.0
-			if g := groups[key{"grpc", payload, callers}]; len(g) > 0 {
-				grpcRate = reportMedian(g, Sample.Rate)
-			}
-			for _, impl := range rep.Config.Impls {
-				g := groups[key{impl, payload, callers}]
-				if len(g) == 0 {
-					continue
-				}
-				row := Row{
-					Impl: impl, Payload: payload, Callers: callers, Rounds: len(g),
-					Rate:         reportMedian(g, Sample.Rate),
-					P50:          time.Duration(reportMedian(g, func(s Sample) float64 { return float64(s.P50) })),
-					P99:          time.Duration(reportMedian(g, func(s Sample) float64 { return float64(s.P99) })),
-					CPU:          time.Duration(reportMedian(g, func(s Sample) float64 { return float64(s.ClientCPU + s.ServerCPU) })),
-					ClientAllocs: reportMedian(g, func(s Sample) float64 { return s.ClientAllocs }),
-					ServerAllocs: reportMedian(g, func(s Sample) float64 { return s.ServerAllocs }),
-					Bytes:        reportMedian(g, func(s Sample) float64 { return s.ClientBytes + s.ServerBytes }),
-				}
-				lo, hi := g[0].Rate(), g[0].Rate()
-				for _, s := range g {
-					lo, hi = min(lo, s.Rate()), max(hi, s.Rate())
-					row.Errors += s.Errors
-					if row.FirstError == "" {
-						row.FirstError = s.FirstError
-					}
-				}
-				if row.Rate > 0 {
-					row.RateSpread = (hi - lo) / row.Rate
-				}
-				if grpcRate > 0 {
-					row.VsGRPC = row.Rate / grpcRate
-				}
-				rep.Rows = append(rep.Rows, row)
-			}
-		}
+	for _, r := range reportSummarise(rep.Config.Impls, rep.Config.cells(), rep.Samples, Sample.cell) {
+		rep.Rows = append(rep.Rows, Row{Impl: r.impl, Payload: r.cell.payload, Callers: r.cell.callers, Summary: r.sum})
 	}
 }
 
+// reportRow is an implementation's Summary in a cell of type C.
+type reportRow[C any] struct {
+	impl string
+	cell C
+	sum  Summary
+}
+
+// reportSummarise groups samples by implementation and cell, and returns a
+// row for each group: cells in the order given, implementations in impls'
+// order within a cell.
+func reportSummarise[C comparable, S interface{ view() runView }](impls []string, cells []C, samples []S, cellOf func(S) C) []reportRow[C] {
+	type key struct {
+		impl string
+		cell C
+	}
+	groups := map[key][]runView{}
+	for _, s := range samples {
+		v := s.view()
+		k := key{v.impl, cellOf(s)}
+		groups[k] = append(groups[k], v)
+	}
+	var rows []reportRow[C]
+	for _, cell := range cells {
+		grpcRate := 0.0
+		if g := groups[key{"grpc", cell}]; len(g) > 0 {
+			grpcRate = reportMedian(g, func(v runView) float64 { return v.rate })
+		}
+		for _, impl := range impls {
+			if g := groups[key{impl, cell}]; len(g) > 0 {
+				rows = append(rows, reportRow[C]{impl, cell, reportSummary(g, grpcRate)})
+			}
+		}
+	}
+	return rows
+}
+
+// reportSummary returns the figures of g, the samples of one implementation
+// in one cell; grpcRate is grpc's median rate there, or 0.
+func reportSummary(g []runView, grpcRate float64) Summary {
+	sum := Summary{
+		Rounds:       len(g),
+		Rate:         reportMedian(g, func(v runView) float64 { return v.rate }),
+		P50:          time.Duration(reportMedian(g, func(v runView) float64 { return float64(v.p50) })),
+		P99:          time.Duration(reportMedian(g, func(v runView) float64 { return float64(v.p99) })),
+		CPU:          time.Duration(reportMedian(g, func(v runView) float64 { return float64(v.costs.ClientCPU + v.costs.ServerCPU) })),
+		ClientAllocs: reportMedian(g, func(v runView) float64 { return v.costs.ClientAllocs }),
+		ServerAllocs: reportMedian(g, func(v runView) float64 { return v.costs.ServerAllocs }),
+		Bytes:        reportMedian(g, func(v runView) float64 { return v.costs.ClientBytes + v.costs.ServerBytes }),
+	}
+	lo, hi := g[0].rate, g[0].rate
+	for _, v := range g {
+		lo, hi = min(lo, v.rate), max(hi, v.rate)
+		sum.Errors += v.errors
+		if sum.FirstError == "" {
+			sum.FirstError = v.firstError
+		}
+	}
+	if sum.Rate > 0 {
+		sum.RateSpread = (hi - lo) / sum.Rate
+	}
+	if grpcRate > 0 {
+		sum.VsGRPC = sum.Rate / grpcRate
+	}
+	return sum
+}
+
 // reportMedian returns the median of f over samples.
-func reportMedian(samples []Sample, f func(Sample) float64) float64 {
+func reportMedian[S any](samples []S, f func(S) float64) float64 {
 	v := make([]float64, len(samples))
 	for i, s := range samples {
 		v[i] = f(s)
@@ -112,26 +139,51 @@ func reportMedian(samples []Sample, f func(Sample) float64) float64 {
 // Markdown returns the rows as a markdown table, followed by a line for each
 // cell that had errors.
 func (rep *Report) Markdown() string {
-	var b strings.Builder
-	b.WriteString("| impl | payload | callers | req/s | spread | p50 | p99 | CPU/call | allocs/call | client+server | B/call | vs grpc |\n")
-	b.WriteString("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+	t := reportTable{cols: "payload | callers", align: "---:|---:|", per: "call", rate: "req/s", failures: "failed calls"}
 	for _, r := range rep.Rows {
-		vs := "-"
-		if r.VsGRPC > 0 {
-			vs = fmt.Sprintf("%.2f×", r.VsGRPC)
-		}
-		fmt.Fprintf(&b, "| %s | %s | %d | %s | ±%.0f%% | %s | %s | %s | %.1f | %.1f+%.1f | %s | %s |\n",
-			r.Impl, reportSize(r.Payload), r.Callers, reportCount(r.Rate), 100*r.RateSpread/2,
-			reportLatency(r.P50), reportLatency(r.P99), reportLatency(r.CPU), r.Allocs(), r.ClientAllocs, r.ServerAllocs,
-			reportCount(r.Bytes), vs)
+		t.add(r.Summary, fmt.Sprintf("%s | %s | %d", r.Impl, reportSize(r.Payload), r.Callers),
+			fmt.Sprintf("%s, %s, %d callers", r.Impl, reportSize(r.Payload), r.Callers))
 	}
-	for _, r := range rep.Rows {
-		if r.Errors > 0 {
-			fmt.Fprintf(&b, "\n%s, %s, %d callers: %d failed calls over %d rounds (first: %s)\n",
-				r.Impl, reportSize(r.Payload), r.Callers, r.Errors, r.Rounds, r.FirstError)
-		}
+	return t.String()
+}
+
+// reportTable is a markdown table of rows: an implementation and its cell,
+// then the Summary's figures; and after it a line for each row that had
+// errors.
+type reportTable struct {
+	cols     string // the cell's columns, between impl and the rate: "payload | callers"
+	align    string // their alignment: "---:|---:|"
+	per      string // what an operation is called: "call"
+	rate     string // the rate's column: "req/s"
+	failures string // what its errors are: "failed calls"
+
+	rows, errors strings.Builder
+}
+
+// add adds a row: cells is the implementation and its cell, one value for
+// each column, and name says which that is in a line about errors. A row
+// without p50 (no round trip to time) shows none.
+func (t *reportTable) add(s Summary, cells, name string) {
+	vs := "-"
+	if s.VsGRPC > 0 {
+		vs = fmt.Sprintf("%.2f×", s.VsGRPC)
 	}
-	return b.String()
+	p50, p99 := "-", "-"
+	if s.P50 > 0 {
+		p50, p99 = reportLatency(s.P50), reportLatency(s.P99)
+	}
+	fmt.Fprintf(&t.rows, "| %s | %s | ±%.0f%% | %s | %s | %s | %.1f | %.1f+%.1f | %s | %s |\n",
+		cells, reportCount(s.Rate), 100*s.RateSpread/2,
+		p50, p99, reportLatency(s.CPU), s.Allocs(), s.ClientAllocs, s.ServerAllocs, reportCount(s.Bytes), vs)
+	if s.Errors > 0 {
+		fmt.Fprintf(&t.errors, "\n%s: %d %s over %d rounds (first: %s)\n", name, s.Errors, t.failures, s.Rounds, s.FirstError)
+	}
+}
+
+func (t *reportTable) String() string {
+	return fmt.Sprintf("| impl | %s | %s | spread | p50 | p99 | CPU/%s | allocs/%s | client+server | B/%s | vs grpc |\n", t.cols, t.rate, t.per, t.per, t.per) +
+		"|---|" + t.align + strings.Repeat("---:|", 9) + "\n" +
+		t.rows.String() + t.errors.String()
 }
 
 // reportSize formats a payload size: "64 B", "4 KiB".

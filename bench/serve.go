@@ -29,15 +29,31 @@ import (
 // first, the goroutine reading in stays blocked until in ends, which is when
 // the process exits for cmd/rpcbench.
 func Serve(ctx context.Context, name, addr string, in io.Reader, out io.Writer) error {
-	impl, err := benchLookup(name)
+	impl, err := benchImpls.lookup(name)
 	if err != nil {
 		return err
 	}
+	return serveControl(ctx, impl.serve, addr, in, out)
+}
+
+// ServeStream is [Serve] for the streaming implementation name (one of
+// [StreamImpls]): the same control protocol, in front of its echo stream.
+func ServeStream(ctx context.Context, name, addr string, in io.Reader, out io.Writer) error {
+	impl, err := streamImpls.lookup(name)
+	if err != nil {
+		return err
+	}
+	return serveControl(ctx, impl.serve, addr, in, out)
+}
+
+// serveControl listens on addr, starts a server there with serve, and
+// answers the control protocol until in ends, quit comes or ctx ends.
+func serveControl(ctx context.Context, serve func(net.Listener) (io.Closer, error), addr string, in io.Reader, out io.Writer) error {
 	l, err := net.Listen("tcp", addr)
 	if err != nil {
 		return err
 	}
-	srv, err := impl.serve(l)
+	srv, err := serve(l)
 	if err != nil {
 		l.Close()
 		return err
