@@ -466,7 +466,14 @@ func (s *Server) serveStream(w http.ResponseWriter, r *http.Request, m *rpcMetho
 	// a server stream's request has been read, as connect-go's server does.
 	w.Header().Set("Content-Type", "application/connect+"+streamCodecName(codec.ContentType()))
 
-	st := &Stream{ctx: call, codec: codec, max: min(s.opts.maxBodySize, streamMaxMessage), r: r.Body, w: w, flush: rc.Flush, server: true}
+	// Send queues into a bounded pipe; one goroutine writes all that is
+	// queued and flushes once, so messages sent while a flush runs leave
+	// together in one frame and write (net/http's HTTP/2 writes a frame and
+	// a syscall for every Flush). A full pipe holds Send back.
+	out := newStreamPipe(streamPipeBuffer)
+	flushed := make(chan struct{})
+	go streamFlusher(out, w, rc.Flush, flushed)
+	st := &Stream{ctx: call, codec: codec, max: min(s.opts.maxBodySize, streamMaxMessage), r: r.Body, w: out, server: true}
 	req := &Request{Service: s.opts.name, Endpoint: m.name, ContentType: codec.ContentType()}
 	if len(s.opts.streamWrappers) > 0 {
 		req.Header = call.incoming()
@@ -490,8 +497,33 @@ func (s *Server) serveStream(w http.ResponseWriter, r *http.Request, m *rpcMetho
 	}
 	st.wmu.Lock()
 	defer st.wmu.Unlock()
-	w.Write(streamAppendEnvelope(nil, streamFlagEnd, streamEndMessage(err, st.trail)))
-	rc.Flush()
+	out.Write(streamAppendEnvelope(nil, streamFlagEnd, streamEndMessage(err, st.trail)))
+	out.Close()
+	<-flushed // everything sent has been written before the handler's call ends
+}
+
+// streamFlusher writes what a server stream queues, all that has gathered at
+// each turn, and flushes it. If the caller has gone, the pipe ends with the
+// error, so a blocked Send returns.
+func streamFlusher(p *streamPipe, w io.Writer, flush func() error, done chan<- struct{}) {
+	defer close(done)
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := p.Read(buf)
+		if n > 0 {
+			if _, werr := w.Write(buf[:n]); werr != nil {
+				p.CloseWithError(werr)
+				return
+			}
+			if ferr := flush(); ferr != nil {
+				p.CloseWithError(ferr)
+				return
+			}
+		}
+		if err != nil {
+			return // io.EOF once the stream's end has been written
+		}
+	}
 }
 
 // invokeStream runs the stream handler chain; a panic becomes an internal
