@@ -1158,16 +1158,20 @@ func serverName(name string) ServerOption {
 // on another node when a node is down or unavailable. Close releases its
 // connections and its watch. A Client is safe for concurrent use.
 type Client struct {
-	opts   clientOptions
-	codecs *codecSet
-	hc     *http.Client // with WithTransport; else the fast path h1
-	h1     *http1Client
-	h2     *http.Client // streams: h2c, made on first use
-	h2once sync.Once
-	cache  *registryCache
-	budget *balancerRetryBudget
-	call   CallFunc
-	closed atomic.Bool
+	opts    clientOptions
+	codecs  *codecSet
+	hc      *http.Client // with WithTransport; else the fast path h1
+	h1      *http1Client
+	h2      *http.Client // streams: h2c, made on first use
+	h2once  sync.Once
+	ctx     context.Context // ends with Close: so do the client's streams
+	stop    context.CancelFunc
+	opening sync.WaitGroup // streams' opening goroutines
+	openMu  sync.Mutex     // orders opening.Add before Close's Wait
+	cache   *registryCache
+	budget  *balancerRetryBudget
+	call    CallFunc
+	closed  atomic.Bool
 }
 
 type clientOptions struct {
@@ -1209,6 +1213,7 @@ func NewClient(opts ...ClientOption) *Client {
 			},
 		},
 	}
+	c.ctx, c.stop = context.WithCancel(context.Background())
 	c.apply(opts)
 	return c
 }
@@ -1516,6 +1521,10 @@ func (c *Client) Close() error {
 	if c.closed.Swap(true) {
 		return nil
 	}
+	c.openMu.Lock() // a stream that saw the client open has counted itself
+	c.openMu.Unlock()
+	c.stop()         // ends the client's streams, and those still opening
+	c.opening.Wait() // whose goroutines end with it
 	if c.cache != nil {
 		c.cache.close()
 	}

@@ -74,6 +74,7 @@ type Stream struct {
 	wbuf    []byte
 
 	server bool
+	sealed bool          // server: trailers taken, under rmu
 	done   func(error)   // client: the balancer's report
 	body   io.Closer     // client: the response body
 	ready  chan struct{} // client: closed once the response has begun (or failed)
@@ -111,6 +112,9 @@ func (s *Stream) Trailer() MD {
 func (s *Stream) SetTrailer(key, value string) {
 	s.rmu.Lock()
 	defer s.rmu.Unlock()
+	if s.sealed {
+		return // the stream has ended
+	}
 	if s.trail == nil {
 		s.trail = MD{}
 	}
@@ -202,11 +206,10 @@ func (s *Stream) Recv(msg any) error {
 		return s.end(Errorf(CodeUnimplemented, "micro: compressed stream messages are not supported"))
 	}
 	if err := s.codec.Unmarshal(data, msg); err != nil {
-		code := CodeInternal
 		if s.server {
-			code = CodeInvalidArgument
+			return Errorf(CodeInvalidArgument, "micro: decoding a stream message: %v", err)
 		}
-		return Errorf(code, "micro: decoding a stream message: %v", err)
+		return s.end(Errorf(CodeInternal, "micro: decoding a stream message: %v", err)) // out of step: done
 	}
 	return nil
 }
@@ -472,44 +475,60 @@ func (s *Server) serveStream(w http.ResponseWriter, r *http.Request, m *rpcMetho
 	// a syscall for every Flush). A full pipe holds Send back.
 	out := newStreamPipe(streamPipeBuffer)
 	flushed := make(chan struct{})
-	go streamFlusher(out, w, rc.Flush, flushed)
+	// Before the first write (headers go out with it), the metadata the
+	// handler set with SetHeader joins them; the flusher is the only
+	// goroutine that touches w.
+	headers := func() {
+		call.mu.Lock()
+		for k, v := range call.out {
+			if rpcSendable(k, v) {
+				w.Header().Set(k, v)
+			}
+		}
+		call.sealed = true
+		call.mu.Unlock()
+	}
+	go streamFlusher(out, w, headers, rc.Flush, flushed)
 	st := &Stream{ctx: call, codec: codec, max: min(s.opts.maxBodySize, streamMaxMessage), r: r.Body, w: out, server: true}
 	req := &Request{Service: s.opts.name, Endpoint: m.name, ContentType: codec.ContentType()}
 	if len(s.opts.streamWrappers) > 0 {
 		req.Header = call.incoming()
 	}
 	err := early
-	if err == nil && m.stream == streamServer {
-		ptr := codecNew(m.reqType)
-		if err = st.Recv(ptr.Interface()); err == io.EOF {
-			err = Errorf(CodeInvalidArgument, "%s takes one request message; none came", m.name)
-		}
-		req.Body = ptr.Interface()
-		if m.reqType.Kind() != reflect.Pointer {
-			req.Body = ptr.Elem().Interface()
-		}
-	}
 	if err == nil {
 		err = s.invokeStream(call, m, req, st)
 	}
 	if err != nil && call.Err() != nil && CodeOf(err) == CodeUnknown {
 		err = call.Err()
 	}
+	call.finish() // goroutines the handler left see its context end now, not after the drain
+	st.rmu.Lock()
+	st.sealed = true // a late SetTrailer is ignored
+	trail := st.trail
+	st.rmu.Unlock()
 	st.wmu.Lock()
 	defer st.wmu.Unlock()
-	out.Write(streamAppendEnvelope(nil, streamFlagEnd, streamEndMessage(err, st.trail)))
+	out.Write(streamAppendEnvelope(nil, streamFlagEnd, streamEndMessage(err, trail)))
 	out.Close()
-	<-flushed // everything sent has been written before the handler's call ends
+	select {
+	case <-flushed: // everything sent has been written
+	case <-r.Context().Done(): // the caller is gone: the flusher's write fails and it ends
+		out.CloseWithError(r.Context().Err())
+		<-flushed
+	}
 }
 
 // streamFlusher writes what a server stream queues, all that has gathered at
 // each turn, and flushes it. If the caller has gone, the pipe ends with the
 // error, so a blocked Send returns.
-func streamFlusher(p *streamPipe, w io.Writer, flush func() error, done chan<- struct{}) {
+func streamFlusher(p *streamPipe, w io.Writer, headers func(), flush func() error, done chan<- struct{}) {
 	defer close(done)
 	buf := make([]byte, 32<<10)
-	for {
+	for first := true; ; first = false {
 		n, err := p.Read(buf)
+		if first {
+			headers()
+		}
 		if n > 0 {
 			if _, werr := w.Write(buf[:n]); werr != nil {
 				p.CloseWithError(werr)
@@ -521,13 +540,17 @@ func streamFlusher(p *streamPipe, w io.Writer, flush func() error, done chan<- s
 			}
 		}
 		if err != nil {
+			if first { // nothing was written: at least the headers go out
+				flush()
+			}
 			return // io.EOF once the stream's end has been written
 		}
 	}
 }
 
-// invokeStream runs the stream handler chain; a panic becomes an internal
-// error.
+// invokeStream reads a server stream's one request, then runs the stream
+// handler chain; a panic in either (a codec's or the handler's) becomes an
+// internal error.
 func (s *Server) invokeStream(ctx context.Context, m *rpcMethod, req *Request, st *Stream) (err error) {
 	defer func() {
 		if p := recover(); p != nil {
@@ -535,6 +558,18 @@ func (s *Server) invokeStream(ctx context.Context, m *rpcMethod, req *Request, s
 			err = NewError(CodeInternal, "internal error: handler "+m.name+" panicked")
 		}
 	}()
+	if m.stream == streamServer {
+		ptr := codecNew(m.reqType)
+		if err := st.Recv(ptr.Interface()); err == io.EOF {
+			return Errorf(CodeInvalidArgument, "%s takes one request message; none came", m.name)
+		} else if err != nil {
+			return err
+		}
+		req.Body = ptr.Interface()
+		if m.reqType.Kind() != reflect.Pointer {
+			req.Body = ptr.Elem().Interface()
+		}
+	}
 	h := m.callStream
 	for i := len(s.opts.streamWrappers) - 1; i >= 0; i-- {
 		h = s.opts.streamWrappers[i](h)
@@ -626,18 +661,31 @@ func (c *Client) openStream(ctx context.Context, req *Request, opts ...CallOptio
 		cancelTimeout()
 		return nil, err
 	}
+	c.budget.deposit()
 	sctx, cancel := context.WithCancel(ctx)
 	pw := newStreamPipe(streamPipeBuffer)
 	// net/http's HTTP/2 transport notices a canceled request only when its
 	// read of the body returns: end the pipe with the context, so the stream
 	// is reset and the handler's context ends too.
 	unhook := context.AfterFunc(sctx, func() { pw.CloseWithError(context.Cause(sctx)) })
+	unhookClient := context.AfterFunc(c.ctx, cancel) // Close ends the stream too
 	st := &Stream{
-		ctx: ctx, cancel: func() { cancel(); cancelTimeout(); unhook() },
+		ctx: ctx, cancel: func() { cancel(); cancelTimeout(); unhook(); unhookClient() },
 		codec: codec, max: min(c.opts.maxRspSize, streamMaxMessage),
 		w: pw, pw: pw, ready: make(chan struct{}),
 	}
-	go c.runStream(sctx, st, pw, nodes, req, codec, md, &o)
+	c.openMu.Lock()
+	if c.closed.Load() {
+		c.openMu.Unlock()
+		st.cancel()
+		return nil, &Error{Code: CodeCanceled, Message: "micro: client closed", cause: ErrClosed}
+	}
+	c.opening.Add(1)
+	c.openMu.Unlock()
+	go func() {
+		defer c.opening.Done()
+		c.runStream(sctx, st, pw, nodes, req, codec, md, &o)
+	}()
 	return st, nil
 }
 
@@ -654,10 +702,12 @@ type streamPipe struct {
 	mu     sync.Mutex
 	cond   sync.Cond
 	buf    []byte
+	off    int // buf[off:] is what is queued
 	max    int
-	closed bool  // CloseSend: the transport reads io.EOF once buf is empty
-	err    error // the stream ended: both sides get err
-	sent   bool  // the transport has taken bytes: the stream is not retried
+	closed bool        // CloseSend: the transport reads io.EOF once buf is empty
+	err    error       // the stream ended: both sides get err
+	sent   bool        // the transport has taken bytes: the stream is not retried
+	reader *streamBody // the attempt that may read; others get io.ErrClosedPipe
 }
 
 func newStreamPipe(max int) *streamPipe {
@@ -671,7 +721,7 @@ func newStreamPipe(max int) *streamPipe {
 func (p *streamPipe) Write(b []byte) (int, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	for p.err == nil && !p.closed && len(p.buf) > 0 && len(p.buf)+len(b) > p.max {
+	for p.err == nil && !p.closed && len(p.buf)-p.off > 0 && len(p.buf)-p.off+len(b) > p.max {
 		p.cond.Wait()
 	}
 	switch {
@@ -680,27 +730,42 @@ func (p *streamPipe) Write(b []byte) (int, error) {
 	case p.closed:
 		return 0, io.ErrClosedPipe
 	}
+	if p.off > 0 && p.off == len(p.buf) {
+		p.buf, p.off = p.buf[:0], 0
+	}
 	p.buf = append(p.buf, b...)
 	p.cond.Broadcast()
 	return len(b), nil
 }
 
 // Read gives the transport everything queued, up to len(b).
-func (p *streamPipe) Read(b []byte) (int, error) {
+func (p *streamPipe) Read(b []byte) (int, error) { return p.read(nil, b) }
+
+// read serves reader h (nil: any). A retired attempt's reader never takes
+// bytes meant for the attempt after it.
+func (p *streamPipe) read(h *streamBody, b []byte) (int, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	for len(p.buf) == 0 && !p.closed && p.err == nil {
+	for len(p.buf) == p.off && !p.closed && p.err == nil && (h == nil || p.reader == h) {
 		p.cond.Wait()
 	}
-	if len(p.buf) > 0 && p.err == nil {
-		n := copy(b, p.buf)
-		p.buf = p.buf[:copy(p.buf, p.buf[n:])]
+	switch {
+	case h != nil && p.reader != h:
+		return 0, io.ErrClosedPipe
+	case p.err != nil:
+		return 0, p.err
+	case len(p.buf) > p.off:
+		n := copy(b, p.buf[p.off:])
+		p.off += n
+		if p.off == len(p.buf) {
+			p.buf, p.off = p.buf[:0], 0
+			if cap(p.buf) > 4*p.max { // a huge message passed: give its memory back
+				p.buf = nil
+			}
+		}
 		p.sent = true
 		p.cond.Broadcast()
 		return n, nil
-	}
-	if p.err != nil {
-		return 0, p.err
 	}
 	return 0, io.EOF
 }
@@ -719,7 +784,7 @@ func (p *streamPipe) CloseWithError(err error) {
 	p.mu.Lock()
 	if p.err == nil {
 		p.err = err
-		p.buf = nil
+		p.buf, p.off = nil, 0
 	}
 	p.cond.Broadcast()
 	p.mu.Unlock()
@@ -731,11 +796,68 @@ func (p *streamPipe) taken() bool {
 	return p.sent
 }
 
-// streamBody is what the transport sees of the pipe: its Close (called when
-// an attempt ends) must not end the stream, which may yet go to another node.
-type streamBody struct{ *streamPipe }
+// streamBody is one attempt's view of the pipe, as the transport's request
+// body. Only the current attempt reads. Closing a retired attempt's body does
+// nothing (the stream may go to another node); closing the body of the
+// attempt that opened the stream means the transport is done sending
+// (the server ended the stream, say), so the pipe ends and a blocked Send
+// returns io.EOF. A Close that comes before the attempt is known to have
+// opened counts once it is.
+type streamBody struct {
+	p      *streamPipe
+	closed bool // under p.mu
+	won    bool // under p.mu: this attempt opened the stream
+}
 
-func (streamBody) Close() error { return nil }
+func (b *streamBody) Read(buf []byte) (int, error) { return b.p.read(b, buf) }
+
+func (b *streamBody) Close() error {
+	b.p.mu.Lock()
+	b.closed = true
+	won := b.won && b.p.reader == b
+	b.p.mu.Unlock()
+	if won {
+		b.p.CloseWithError(errStreamSendEnded)
+	}
+	return nil
+}
+
+// errStreamSendEnded ends a client stream's sending side once the server has
+// ended the stream.
+var errStreamSendEnded = errors.New("micro: the stream has ended")
+
+// attempt makes a new body the one that reads, retiring the last.
+func (p *streamPipe) attempt() *streamBody {
+	b := &streamBody{p: p}
+	p.mu.Lock()
+	p.reader = b
+	p.cond.Broadcast() // a retired reader waiting in read gives up
+	p.mu.Unlock()
+	return b
+}
+
+// opened marks b's attempt as the one that opened the stream; if the
+// transport closed b already, the pipe ends now.
+func (b *streamBody) opened() {
+	b.p.mu.Lock()
+	b.won = true
+	closed := b.closed
+	b.p.mu.Unlock()
+	if closed {
+		b.p.CloseWithError(errStreamSendEnded)
+	}
+}
+
+// retire takes b off the pipe before another attempt; its late Close is
+// ignored and its reader gives up.
+func (b *streamBody) retire() {
+	b.p.mu.Lock()
+	if b.p.reader == b {
+		b.p.reader = nil
+	}
+	b.p.cond.Broadcast()
+	b.p.mu.Unlock()
+}
 
 // runStream opens the stream's HTTP/2 request and waits for the server's
 // reply to begin, which may be only after the caller has sent messages:
@@ -754,8 +876,10 @@ func (c *Client) runStream(ctx context.Context, st *Stream, pipe *streamPipe, no
 			fail(Errorf(CodeUnavailable, "micro: service %s: %w", req.Service, err))
 			return
 		}
-		hrsp, err := c.streamRequest(ctx, node.Address, req, codec, md, streamBody{pipe})
+		body := pipe.attempt()
+		hrsp, err := c.streamRequest(ctx, node.Address, req, codec, md, body)
 		if err == nil {
+			body.opened()
 			st.done = done
 			st.r, st.body, st.header = hrsp.Body, hrsp.Body, rpcResponseMetadata(hrsp.Header)
 			return
@@ -763,6 +887,7 @@ func (c *Client) runStream(ctx context.Context, st *Stream, pipe *streamPipe, no
 		if done != nil {
 			done(err)
 		}
+		body.retire() // before looking: its reader can no longer take bytes
 		if !rpcRetryable(err) || pipe.taken() || ctx.Err() != nil || attempt >= o.retries || !c.budget.withdraw() {
 			fail(err)
 			return
@@ -792,7 +917,11 @@ func (c *Client) streamRequest(ctx context.Context, addr string, req *Request, c
 	if dl, ok := ctx.Deadline(); ok {
 		hreq.Header.Set("Connect-Timeout-Ms", strconv.FormatInt(min(max(time.Until(dl).Milliseconds(), 1), 9_999_999_999), 10))
 	}
-	hrsp, err := c.streamClient().Do(hreq)
+	hc := c.streamClient()
+	if hc == nil || c.closed.Load() {
+		return nil, &Error{Code: CodeCanceled, Message: "micro: client closed", cause: ErrClosed}
+	}
+	hrsp, err := hc.Do(hreq)
 	if err != nil {
 		var op *net.OpError
 		unsent := errors.As(err, &op) && op.Op == "dial"

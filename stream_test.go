@@ -46,6 +46,9 @@ func (c *Chat) Echo(ctx context.Context, stream *Stream) error {
 
 // Count streams req.N numbered messages.
 func (c *Chat) Count(ctx context.Context, req *Num, stream *Stream) error {
+	if err := SetHeader(ctx, "X-Count", fmt.Sprint(req.N)); err != nil {
+		return err
+	}
 	for i := 0; i < req.N; i++ {
 		if err := stream.Send(&Num{N: i}); err != nil {
 			return err
@@ -83,6 +86,13 @@ func (c *Chat) Fail(ctx context.Context, req *Num, stream *Stream) error {
 	e := NewError(CodeFailedPrecondition, "out of numbers")
 	e.Meta = MD{"X-Why": "empty"}
 	return e
+}
+
+// Stop reads one message and ends the stream with an error.
+func (c *Chat) Stop(ctx context.Context, stream *Stream) error {
+	var m Num
+	stream.Recv(&m)
+	return NewError(CodeAborted, "enough")
 }
 
 // Block waits for its context to end.
@@ -548,4 +558,66 @@ func TestStreamPipe(t *testing.T) {
 	if _, err := q.Write([]byte("x")); !errors.Is(err, context.Canceled) {
 		t.Fatalf("Write: %v", err)
 	}
+}
+
+func TestStreamReviewRegressions(t *testing.T) {
+	checkGoroutines(t)
+	chat := newChat()
+	addr, _ := newTestServer(t, nil, chat)
+	t.Run("closing the client while a stream opens", func(t *testing.T) {
+		client := NewClient(WithAddress(addr))
+		st, err := client.Stream(context.Background(), "chat", "Chat.Block")
+		assertNoError(t, err)
+		assertNoError(t, client.Close()) // no panic; the stream ends
+		var m Num
+		if err := st.Recv(&m); err == nil {
+			t.Fatal("Recv on a stream of a closed client succeeded")
+		}
+		select { // the handler, if it had started, sees the end
+		case <-chat.seen:
+			<-chat.started
+			<-chat.ended
+		default:
+		}
+		if _, err := client.Stream(context.Background(), "chat", "Chat.Echo"); !errors.Is(err, ErrClosed) {
+			t.Fatalf("Stream after Close: %v", err)
+		}
+	})
+	t.Run("Send ends once the server has ended the stream", func(t *testing.T) {
+		client := newTestClient(t, WithAddress(addr))
+		st, err := client.Stream(context.Background(), "chat", "Chat.Stop")
+		assertNoError(t, err)
+		big := strings.Repeat("x", 1000)
+		var sendErr error
+		for i := 0; i < 5000 && sendErr == nil; i++ { // far past every buffer on the way
+			sendErr = st.Send(&Num{S: big})
+		}
+		if sendErr != io.EOF {
+			t.Fatalf("Send: %v, want io.EOF once the server ended the stream", sendErr)
+		}
+		var m Num
+		assertCode(t, st.Recv(&m), CodeAborted)
+	})
+	t.Run("SetHeader in a stream handler reaches the caller", func(t *testing.T) {
+		client := newTestClient(t, WithAddress(addr))
+		st, err := client.Stream(context.Background(), "chat", "Chat.Count")
+		assertNoError(t, err)
+		assertNoError(t, st.Send(&Num{N: 2}))
+		assertNoError(t, st.CloseSend())
+		assertEqual(t, st.Header().Get("X-Count"), "2")
+		var m Num
+		for st.Recv(&m) == nil {
+		}
+	})
+	t.Run("a message the client cannot decode ends the stream", func(t *testing.T) {
+		client := newTestClient(t, WithAddress(addr))
+		st, err := client.Stream(context.Background(), "chat", "Chat.Count")
+		assertNoError(t, err)
+		assertNoError(t, st.Send(&Num{N: 3}))
+		assertNoError(t, st.CloseSend())
+		var wrong []string // {"n":0} is not a list
+		assertCode(t, st.Recv(&wrong), CodeInternal)
+		var m Num
+		assertCode(t, st.Recv(&m), CodeInternal) // done, not half-read
+	})
 }
