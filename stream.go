@@ -46,7 +46,9 @@ import (
 // On the client, [Client.Stream] opens one; Send writes, CloseSend closes the
 // sending side, and Recv reads until io.EOF (the handler returned nil) or the
 // handler's error. A Stream is done when Recv has returned an error or Close
-// was called; Close releases it early.
+// was called; Close releases it early, and so does closing the Client. To a
+// server-streaming endpoint, Send the one request and then CloseSend:
+// connect-go servers wait for the end of the request before they answer.
 //
 // One goroutine may Send while another Recvs; two may not Send (or Recv) at
 // once.
