@@ -207,8 +207,15 @@ func (sc *http1ServerConn) serveOne(req *http1Request) bool {
 	sc.br.Discard(req.headLen)
 	limit := s.opts.maxBodySize
 	if req.length > limit {
-		// The body is not read, so the connection cannot go on.
+		// The body is not read, so the connection cannot go on. Unless the
+		// caller said it would wait (100-continue), it is writing the body
+		// now: closing at once would reset the connection under its write,
+		// and it would never read the reply. So half-close and read the body
+		// away, within a bound, as net/http does.
 		sc.write(rpcErrorReply(0, rpcTooBig(limit)), false)
+		if !req.expect {
+			sc.drain(req.length)
+		}
 		return false
 	}
 	if req.expect {
@@ -234,6 +241,23 @@ func (sc *http1ServerConn) serveOne(req *http1Request) bool {
 	http1PutBuf(bp)
 	keep := !req.close
 	return sc.write(rep, keep) && keep
+}
+
+// http1DrainLimit and http1DrainTime bound how much of a refused body is read
+// away before the connection closes.
+const (
+	http1DrainLimit = 64 << 20
+	http1DrainTime  = 2 * time.Second
+)
+
+// drain half-closes the connection and discards up to n bytes of the request
+// body, within http1DrainLimit and http1DrainTime.
+func (sc *http1ServerConn) drain(n int64) {
+	if cw, ok := sc.c.(interface{ CloseWrite() error }); ok {
+		cw.CloseWrite()
+	}
+	sc.c.SetReadDeadline(time.Now().Add(http1DrainTime))
+	io.CopyN(io.Discard, sc.br, min(n, http1DrainLimit))
 }
 
 // write sends a reply in one write.

@@ -689,3 +689,22 @@ func TestHTTP1CallerHangingUpCancelsTheHandler(t *testing.T) {
 		t.Fatalf("second reply %q", body2)
 	}
 }
+
+func TestHTTP1BodyOverTheLimitIsReportedNotRetried(t *testing.T) {
+	checkGoroutines(t)
+	var calls atomic.Int32
+	counter := func(next HandlerFunc) HandlerFunc {
+		return func(ctx context.Context, req *Request) (any, error) {
+			calls.Add(1)
+			return next(ctx, req)
+		}
+	}
+	a1, _ := newTestServer(t, []ServerOption{MaxBodySize(1024), WrapHandler(counter)}, &Echo{})
+	a2, _ := newTestServer(t, []ServerOption{MaxBodySize(1024), WrapHandler(counter)}, &Echo{})
+	client := newTestClient(t, WithAddress(a1, a2), Retries(3))
+	big := bytes.Repeat([]byte("x"), 8<<20) // far past socket buffers: the client is still writing when refused
+	var rsp []byte
+	err := client.Call(context.Background(), "x", "Echo.Bytes", big, &rsp, ContentType(ContentTypeBytes))
+	assertCode(t, err, CodeResourceExhausted)
+	assertEqual(t, calls.Load(), int32(0))
+}
