@@ -282,6 +282,9 @@ func (s *Service) Init(opts ...ServiceOption) error {
 		return fmt.Errorf("micro: %w", err)
 	}
 	o.metadata = metadata.m
+	if err := o.validate(); err != nil {
+		return err
+	}
 	switch o.registryName {
 	case "", "memory": // the service's own MemoryRegistry unless WithRegistry gave one
 	default:
@@ -298,6 +301,15 @@ func (s *Service) Init(opts ...ServiceOption) error {
 	}
 	if len(clientOpts) > 0 {
 		s.client.apply(clientOpts)
+	}
+	return nil
+}
+
+// validate checks options that cannot work together.
+func (o *serviceOptions) validate() error {
+	if o.registerTTL > 0 && o.registerInterval >= o.registerTTL {
+		return fmt.Errorf("micro: register interval %s must be shorter than the register TTL %s, "+
+			"or the registration expires between refreshes", o.registerInterval, o.registerTTL)
 	}
 	return nil
 }
@@ -391,6 +403,9 @@ func (s *Service) Start() error {
 	s.mu.Unlock()
 	if running {
 		return errors.New("micro: service already started")
+	}
+	if err := opts.validate(); err != nil {
+		return err
 	}
 	for _, h := range opts.beforeStart {
 		if err := h(); err != nil {

@@ -446,6 +446,13 @@ func TestServiceInitFlagsAndEnv(t *testing.T) {
 	if err := bad.Init(); err == nil || !strings.Contains(err.Error(), "register_ttl") {
 		t.Fatalf("bad flag: %v", err)
 	}
+	if err := NewService(Args("-register_ttl", "10s", "-register_interval", "10s")).Init(); err == nil ||
+		!strings.Contains(err.Error(), "shorter than the register TTL") {
+		t.Fatalf("interval not under the TTL: %v", err)
+	}
+	if err := NewService(Address("127.0.0.1:0"), RegisterTTL(time.Second), RegisterInterval(2*time.Second)).Start(); err == nil {
+		t.Fatal("Start with an interval past the TTL succeeded")
+	}
 	t.Setenv("MICRO_REGISTRY", "zookeeper")
 	if err := NewService(Args()).Init(); err == nil || !strings.Contains(err.Error(), "zookeeper") {
 		t.Fatalf("unknown registry: %v", err)
