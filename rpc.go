@@ -1522,8 +1522,8 @@ func (c *Client) Close() error {
 		return nil
 	}
 	c.openMu.Lock() // a stream that saw the client open has counted itself
+	c.stop()        // ends the client's streams, and those still opening
 	c.openMu.Unlock()
-	c.stop()         // ends the client's streams, and those still opening
 	c.opening.Wait() // whose goroutines end with it
 	if c.cache != nil {
 		c.cache.close()

@@ -647,7 +647,8 @@ func TestCallContextSemantics(t *testing.T) {
 	})
 	t.Run("children hook on and end with the handler", func(t *testing.T) {
 		c := &rpcCall{parent: parent, deadline: time.Now().Add(time.Hour), head: &rpcHead{header: http.Header{"X-A": {"b"}}}}
-		child, cancel := context.WithCancel(context.WithValue(c, struct{}{}, 1))
+		type testKey struct{}
+		child, cancel := context.WithCancel(context.WithValue(c, testKey{}, 1))
 		defer cancel()
 		md, ok := FromContext(child) // found through the children
 		assertEqual(t, ok, true)

@@ -8,7 +8,6 @@ import (
 	"net/http"
 	"os"
 	"runtime"
-	"strings"
 	"testing"
 	"time"
 
@@ -131,9 +130,6 @@ func newMicroClient(t *testing.T, opts ...micro.ClientOption) *micro.Client {
 	t.Cleanup(func() { c.Close() })
 	return c
 }
-
-// hostPort strips the scheme from a base URL, for micro.WithAddress.
-func hostPort(baseURL string) string { return strings.TrimPrefix(baseURL, "http://") }
 
 // awaitWait returns what a blocking handler reported, or fails the test if
 // the handler never ran (the call failed before reaching it).
