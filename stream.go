@@ -70,7 +70,6 @@ type Stream struct {
 	// writing
 	wmu     sync.Mutex
 	w       io.Writer
-	flush   func() error // server: push what was written
 	pw      *streamPipe
 	wclosed bool
 	wbuf    []byte
@@ -145,11 +144,6 @@ func (s *Stream) Send(msg any) error {
 			return io.EOF
 		}
 		return streamWireError(s.ctx, err)
-	}
-	if s.flush != nil {
-		if err := s.flush(); err != nil {
-			return streamWireError(s.ctx, err)
-		}
 	}
 	return nil
 }
