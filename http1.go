@@ -637,6 +637,7 @@ type http1Client struct {
 
 type http1ClientConn struct {
 	c      net.Conn
+	probe  *http1Prober // checks it is alive before reuse
 	br     *bufio.Reader
 	addr   string
 	used   time.Time // when it went idle
@@ -673,7 +674,7 @@ func (p *http1Client) get(ctx context.Context, addr string, deadline time.Time, 
 			// A connection the server has closed, or that holds bytes we
 			// did not ask for, is dropped before anything is written on it:
 			// once a request is written it is never sent again.
-			if now.Sub(cc.used) < p.idleTimeout && cc.br.Buffered() == 0 && http1Alive(cc.c) {
+			if now.Sub(cc.used) < p.idleTimeout && cc.br.Buffered() == 0 && cc.probe.check() {
 				cc.reused = true
 				return cc, nil
 			}
@@ -688,7 +689,7 @@ func (p *http1Client) get(ctx context.Context, addr string, deadline time.Time, 
 	if err != nil {
 		return nil, err
 	}
-	return &http1ClientConn{c: c, br: bufio.NewReaderSize(c, 4096), addr: addr}, nil
+	return &http1ClientConn{c: c, probe: newHTTP1Prober(c), br: bufio.NewReaderSize(c, 4096), addr: addr}, nil
 }
 
 // put returns a healthy connection, with nothing unread, to the pool. Now and

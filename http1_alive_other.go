@@ -4,6 +4,10 @@ package micro
 
 import "net"
 
-// http1Alive cannot look at the socket here; a dead connection shows up as
+// http1Prober cannot look at the socket here; a dead connection shows up as
 // an error on its first use instead.
-func http1Alive(net.Conn) bool { return true }
+type http1Prober struct{}
+
+func newHTTP1Prober(net.Conn) *http1Prober { return nil }
+
+func (p *http1Prober) check() bool { return true }
