@@ -1,0 +1,292 @@
+package micro
+
+import (
+	"net"
+	"net/netip"
+	"slices"
+	"strings"
+	"time"
+
+	"golang.org/x/net/dns/dnsmessage"
+)
+
+// Bounds on what the browser keeps, so a hostile or broken peer cannot make
+// it grow without limit: past them new records are ignored (and counted).
+const (
+	mdnsMaxInstances = 4096 // cached instances (SRV and TXT each)
+	mdnsMaxAddrs     = 16   // addresses per host
+)
+
+// mdnsCache holds the records the browser has heard for _micro._tcp
+// instances, each until its TTL runs out (RFC 6762 §5.2, §10).
+type mdnsCache struct {
+	srv   map[string]*mdnsCached            // by instance name, lower case
+	txt   map[string]*mdnsCached            // by instance name, lower case
+	addr  map[string]map[string]*mdnsCached // by host name, then address and interface
+	drops int                               // records ignored at the bounds
+	next  time.Time                         // earliest expiry or refresh; zero if none
+}
+
+// mdnsCached is one cached record.
+type mdnsCached struct {
+	name     string // owner as received
+	target   string // SRV target, lower case
+	port     uint16
+	txt      []string
+	ip       netip.Addr
+	ifIndex  int
+	ttl      uint32
+	received time.Time
+	expires  time.Time
+	refresh  int // refresh queries sent at 80, 85, 90, 95 % of the TTL
+}
+
+func newMDNSCache() *mdnsCache {
+	return &mdnsCache{
+		srv:  make(map[string]*mdnsCached),
+		txt:  make(map[string]*mdnsCached),
+		addr: make(map[string]map[string]*mdnsCached),
+	}
+}
+
+// mdnsInstanceName reports whether name is an instance of _micro._tcp:
+// exactly one label in front of the service type.
+func mdnsInstanceName(name string) bool {
+	if len(name) <= len(mdnsServiceType) || !strings.HasSuffix(name, mdnsServiceType) {
+		return false
+	}
+	label := name[:len(name)-len(mdnsServiceType)-1]
+	return name[len(label)] == '.' && !strings.Contains(label, ".")
+}
+
+// absorb caches the records of a response that came in on ifIndex; names
+// and addresses are taken only for _micro._tcp instances and the hosts their
+// SRV records name. Answers to a one-shot query (TTLs capped at 10 s) never
+// shorten what a multicast announcement said. It reports whether anything
+// changed.
+func (c *mdnsCache) absorb(m *dnsmessage.Message, ifIndex int, ifName string, oneShot bool, now time.Time) bool {
+	changed := false
+	rrs := slices.Concat(m.Answers, m.Additionals)
+	for i := range rrs {
+		r := &rrs[i]
+		name := strings.ToLower(r.Header.Name.String())
+		switch b := r.Body.(type) {
+		case *dnsmessage.SRVResource:
+			if mdnsInstanceName(name) && c.put(c.srv, name, r, oneShot, now, func(e *mdnsCached) {
+				e.target, e.port = strings.ToLower(b.Target.String()), b.Port
+			}) {
+				changed = true
+			}
+		case *dnsmessage.TXTResource:
+			if mdnsInstanceName(name) && c.put(c.txt, name, r, oneShot, now, func(e *mdnsCached) {
+				e.txt = slices.Clone(b.TXT)
+			}) {
+				changed = true
+			}
+		}
+	}
+	// Addresses second: only for hosts some cached SRV names.
+	hosts := make(map[string]bool)
+	for _, s := range c.srv {
+		hosts[s.target] = true
+	}
+	for i := range rrs {
+		r := &rrs[i]
+		var ip netip.Addr
+		switch b := r.Body.(type) {
+		case *dnsmessage.AResource:
+			ip = netip.AddrFrom4(b.A)
+		case *dnsmessage.AAAAResource:
+			ip = netip.AddrFrom16(b.AAAA)
+			if ip.IsLinkLocalUnicast() {
+				ip = ip.WithZone(ifName) // reachable through the interface it came in on
+			}
+		default:
+			continue
+		}
+		host := strings.ToLower(r.Header.Name.String())
+		if !hosts[host] {
+			continue
+		}
+		if c.putAddr(host, ip, ifIndex, r, oneShot, now) {
+			changed = true
+		}
+	}
+	return changed
+}
+
+func (c *mdnsCache) put(m map[string]*mdnsCached, name string, r *dnsmessage.Resource, oneShot bool, now time.Time, set func(*mdnsCached)) bool {
+	old := m[name]
+	if r.Header.TTL == 0 { // a goodbye: forget it now
+		if old != nil {
+			delete(m, name)
+			return true
+		}
+		return false
+	}
+	if old == nil && len(m) >= mdnsMaxInstances {
+		c.drops++
+		return false
+	}
+	e := &mdnsCached{name: r.Header.Name.String(), ttl: r.Header.TTL, received: now,
+		expires: now.Add(time.Duration(r.Header.TTL) * time.Second)}
+	set(e)
+	same := old != nil && old.target == e.target && old.port == e.port && slices.Equal(old.txt, e.txt)
+	if same && oneShot && old.expires.After(e.expires) {
+		return false
+	}
+	m[name] = e
+	c.schedule(e)
+	return !same
+}
+
+func (c *mdnsCache) putAddr(host string, ip netip.Addr, ifIndex int, r *dnsmessage.Resource, oneShot bool, now time.Time) bool {
+	set := c.addr[host]
+	key := ip.String() + "%" + itoa(ifIndex)
+	if r.Header.TTL == 0 {
+		if set[key] != nil {
+			delete(set, key)
+			return true
+		}
+		return false
+	}
+	if set == nil {
+		set = make(map[string]*mdnsCached)
+		c.addr[host] = set
+	}
+	changed := set[key] == nil
+	if r.Header.Class&mdnsFlush != 0 { // the sender's set is whole: flush the rest it replaces
+		for k, e := range set {
+			if k != key && e.ifIndex == ifIndex && e.ip.Is4() == ip.Is4() && now.Sub(e.received) > time.Second {
+				delete(set, k)
+				changed = true
+			}
+		}
+	}
+	if set[key] == nil && len(set) >= mdnsMaxAddrs {
+		c.drops++
+		return changed
+	}
+	e := &mdnsCached{name: r.Header.Name.String(), ip: ip, ifIndex: ifIndex, ttl: r.Header.TTL,
+		received: now, expires: now.Add(time.Duration(r.Header.TTL) * time.Second)}
+	if old := set[key]; old != nil && oneShot && old.expires.After(e.expires) {
+		return changed
+	}
+	set[key] = e
+	c.schedule(e)
+	return changed
+}
+
+// forget drops an instance at once (our own, deregistered).
+func (c *mdnsCache) forget(instance string) {
+	delete(c.srv, instance)
+	delete(c.txt, instance)
+}
+
+// refreshAt is when the record's next refresh query is due: 80, 85, 90
+// and 95 % of its TTL (RFC 6762 §5.2), then its expiry.
+func (e *mdnsCached) refreshAt() time.Time {
+	if e.refresh >= 4 {
+		return e.expires
+	}
+	pct := 80 + 5*e.refresh
+	return e.received.Add(time.Duration(e.ttl) * time.Second * time.Duration(pct) / 100)
+}
+
+func (c *mdnsCache) schedule(e *mdnsCached) {
+	if t := e.refreshAt(); c.next.IsZero() || t.Before(c.next) {
+		c.next = t
+	}
+}
+
+// sweep drops expired records and returns the instances whose records are
+// due a refresh query. It reports whether anything was dropped.
+func (c *mdnsCache) sweep(now time.Time) (refresh []string, changed bool) {
+	if c.next.IsZero() || now.Before(c.next) {
+		return nil, false
+	}
+	c.next = time.Time{}
+	for _, m := range []map[string]*mdnsCached{c.srv, c.txt} {
+		for name, e := range m {
+			if !now.Before(e.expires) {
+				delete(m, name)
+				changed = true
+				continue
+			}
+			if !now.Before(e.refreshAt()) {
+				e.refresh++
+				if !slices.Contains(refresh, name) {
+					refresh = append(refresh, name)
+				}
+			}
+			c.schedule(e)
+		}
+	}
+	for host, set := range c.addr {
+		for k, e := range set {
+			if !now.Before(e.expires) {
+				delete(set, k)
+				changed = true
+				continue
+			}
+			c.schedule(e)
+		}
+		if len(set) == 0 {
+			delete(c.addr, host)
+		}
+	}
+	slices.Sort(refresh)
+	return refresh, changed
+}
+
+// resolve returns the nodes the cache can describe completely: an SRV, a
+// TXT naming a service and node, and for a .local. host an address.
+func (c *mdnsCache) resolve() map[string]*ServiceInfo {
+	out := make(map[string]*ServiceInfo, len(c.srv))
+	for name, s := range c.srv {
+		t := c.txt[name]
+		if t == nil {
+			continue
+		}
+		service, version, node, md, ok := mdnsParseTXT(t.txt)
+		if !ok {
+			continue
+		}
+		host := strings.TrimSuffix(s.target, ".")
+		if strings.HasSuffix(s.target, ".local.") {
+			ip, ok := mdnsPick(c.addr[s.target])
+			if !ok {
+				continue
+			}
+			host = ip.String()
+		}
+		out[name] = &ServiceInfo{Name: service, Version: version, Nodes: []*Node{{
+			ID: node, Address: net.JoinHostPort(host, itoa(int(s.port))), Metadata: md,
+		}}}
+	}
+	return out
+}
+
+// mdnsPick chooses one address of a host: IPv4 before IPv6, global before
+// link-local, then the smallest, so the choice is stable.
+func mdnsPick(set map[string]*mdnsCached) (netip.Addr, bool) {
+	var best netip.Addr
+	rank := func(a netip.Addr) int {
+		switch {
+		case a.Is4() && !a.IsLoopback():
+			return 0
+		case a.Is4():
+			return 1
+		case !a.IsLinkLocalUnicast():
+			return 2
+		}
+		return 3
+	}
+	for _, e := range set {
+		a := e.ip
+		if !best.IsValid() || rank(a) < rank(best) || (rank(a) == rank(best) && a.String() < best.String()) {
+			best = a
+		}
+	}
+	return best, best.IsValid()
+}

@@ -1,0 +1,23 @@
+//go:build linux
+
+package micro
+
+import "syscall"
+
+// mdnsSOReusePort is SO_REUSEPORT, absent from package syscall on Linux.
+const mdnsSOReusePort = 0xf
+
+// mdnsReuse lets every responder on the host bind port 5353.
+func mdnsReuse(network, address string, c syscall.RawConn) error {
+	var serr error
+	err := c.Control(func(fd uintptr) {
+		serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_REUSEADDR, 1)
+		if serr == nil {
+			serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, mdnsSOReusePort, 1)
+		}
+	})
+	if err != nil {
+		return err
+	}
+	return serr
+}

@@ -1,0 +1,409 @@
+package micro
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/net/dns/dnsmessage"
+)
+
+// testInNetns reports whether the suite runs in its private network
+// namespace, where multicast cannot leave the machine.
+func testInNetns() bool { return os.Getenv("MICRO_NETNS") == "1" }
+
+// testMDNSOptions keeps mDNS on loopback outside the namespace (skipping if
+// loopback cannot multicast there), so no test multicasts on a real network.
+func testMDNSOptions(t *testing.T) []MDNSOption {
+	t.Helper()
+	if testInNetns() {
+		return nil
+	}
+	lo, err := net.InterfaceByName("lo")
+	if err != nil || lo.Flags&net.FlagMulticast == 0 {
+		t.Skip("mDNS tests need the private network namespace (root, unshare) or a multicast loopback")
+	}
+	return []MDNSOption{MDNSInterfaces("lo"), MDNSNetwork("udp4")}
+}
+
+func newTestMDNS(t *testing.T, opts ...MDNSOption) *MDNSRegistry {
+	t.Helper()
+	r, err := NewMDNSRegistry(append(testMDNSOptions(t), opts...)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := r.Close(); err != nil {
+			t.Errorf("closing mdns registry: %v", err)
+		}
+	})
+	return r
+}
+
+func testCtx(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// testNext waits for the next watch event matching ok.
+func testNext(t *testing.T, w Watcher, ok func(*RegistryEvent) bool) *RegistryEvent {
+	t.Helper()
+	for {
+		ev, err := w.Next()
+		if err != nil {
+			t.Fatalf("watch: %v", err)
+		}
+		if ok(ev) {
+			return ev
+		}
+	}
+}
+
+func testNode(name, id, addr string, md map[string]string) *ServiceInfo {
+	return &ServiceInfo{Name: name, Version: "1.0.0", Nodes: []*Node{{ID: id, Address: addr, Metadata: md}}}
+}
+
+func TestMDNSLookupFromAnotherRegistry(t *testing.T) {
+	checkGoroutines(t)
+	a, b := newTestMDNS(t), newTestMDNS(t)
+	ctx := testCtx(t)
+	svc := testNode("mdns-lookup", "mdns-lookup-1", "127.0.0.1:4321", map[string]string{"zone": "a", "name": "x"})
+	assertNoError(t, a.Register(ctx, svc, time.Minute))
+	got, err := b.Lookup(ctx, "mdns-lookup")
+	assertNoError(t, err)
+	if len(got) != 1 || len(got[0].Nodes) != 1 {
+		t.Fatalf("lookup: %+v", got)
+	}
+	n := got[0].Nodes[0]
+	assertEqual(t, got[0].Version, "1.0.0")
+	assertEqual(t, n.ID, "mdns-lookup-1")
+	assertEqual(t, n.Address, "127.0.0.1:4321")
+	assertEqual(t, n.Metadata["zone"], "a")
+	assertEqual(t, n.Metadata["name"], "x") // a reserved TXT key survives
+	// A second lookup is answered from the cache.
+	again, err := b.Lookup(ctx, "mdns-lookup")
+	assertNoError(t, err)
+	assertEqual(t, again[0].Nodes[0].Address, n.Address)
+	// The registering registry finds its own node without the network.
+	own, err := a.Lookup(ctx, "mdns-lookup")
+	assertNoError(t, err)
+	assertEqual(t, own[0].Nodes[0].Address, "127.0.0.1:4321")
+}
+
+func TestMDNSLookupMissingService(t *testing.T) {
+	checkGoroutines(t)
+	r := newTestMDNS(t, MDNSLookupWait(200*time.Millisecond))
+	_, err := r.Lookup(testCtx(t), "mdns-nobody")
+	if !errors.Is(err, ErrNotFound) || CodeOf(err) != CodeNotFound {
+		t.Fatalf("lookup of a missing service: %v", err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if _, err := r.Lookup(ctx, "mdns-nobody"); !errors.Is(err, context.Canceled) {
+		t.Fatalf("lookup with an ended context: %v", err)
+	}
+}
+
+func TestMDNSWatchCreateUpdateDelete(t *testing.T) {
+	checkGoroutines(t)
+	a, b := newTestMDNS(t), newTestMDNS(t)
+	ctx := testCtx(t)
+	w, err := b.Watch(ctx, "mdns-watch")
+	assertNoError(t, err)
+	defer w.Stop()
+	svc := testNode("mdns-watch", "mdns-watch-1", "127.0.0.1:1111", nil)
+	assertNoError(t, a.Register(ctx, svc, time.Minute))
+	ev := testNext(t, w, func(*RegistryEvent) bool { return true })
+	assertEqual(t, ev.Type, EventCreate)
+	assertEqual(t, ev.Service.Nodes[0].Address, "127.0.0.1:1111")
+
+	svc.Nodes[0].Metadata = map[string]string{"color": "blue"}
+	assertNoError(t, a.Register(ctx, svc, time.Minute))
+	ev = testNext(t, w, func(*RegistryEvent) bool { return true })
+	assertEqual(t, ev.Type, EventUpdate)
+	assertEqual(t, ev.Service.Nodes[0].Metadata["color"], "blue")
+
+	start := time.Now()
+	assertNoError(t, a.Deregister(ctx, svc))
+	ev = testNext(t, w, func(*RegistryEvent) bool { return true })
+	assertEqual(t, ev.Type, EventDelete)
+	t.Logf("delete seen %v after the deregister", time.Since(start))
+	if _, err := b.Lookup(ctx, "mdns-watch"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("lookup after goodbye: %v", err)
+	}
+}
+
+func TestMDNSConflictRenames(t *testing.T) {
+	checkGoroutines(t)
+	a, b, c := newTestMDNS(t), newTestMDNS(t), newTestMDNS(t)
+	ctx := testCtx(t)
+	w, err := c.Watch(ctx, "mdns-dup")
+	assertNoError(t, err)
+	defer w.Stop()
+	// Two registries claim one instance name with different ports.
+	assertNoError(t, a.Register(ctx, testNode("mdns-dup", "dup", "127.0.0.1:1001", nil), time.Minute))
+	assertNoError(t, b.Register(ctx, testNode("mdns-dup", "dup", "127.0.0.1:1002", nil), time.Minute))
+	seen := map[string]bool{}
+	for !seen["127.0.0.1:1001"] || !seen["127.0.0.1:1002"] {
+		ev := testNext(t, w, func(ev *RegistryEvent) bool { return ev.Type != EventDelete })
+		seen[ev.Service.Nodes[0].Address] = true
+		got, _ := c.Lookup(ctx, "mdns-dup")
+		if len(got) == 1 && len(got[0].Nodes) == 2 {
+			seen[got[0].Nodes[0].Address], seen[got[0].Nodes[1].Address] = true, true
+		}
+	}
+	// Both are resolvable at once, under two names: one of them renamed.
+	for {
+		got, err := c.Lookup(ctx, "mdns-dup")
+		assertNoError(t, err)
+		if len(got[0].Nodes) == 2 {
+			break
+		}
+		testNext(t, w, func(*RegistryEvent) bool { return true })
+	}
+	conflicts := a.Stats().Conflicts + b.Stats().Conflicts
+	if conflicts < 1 {
+		t.Fatalf("no rename counted (a %+v, b %+v)", a.Stats(), b.Stats())
+	}
+	var names []string
+	for _, r := range []*MDNSRegistry{a, b} {
+		r.mu.Lock()
+		for _, e := range r.entries {
+			names = append(names, e.label)
+		}
+		r.mu.Unlock()
+	}
+	if names[0] == names[1] || (names[0] != "dup" && names[1] != "dup") {
+		t.Fatalf("instance names after the conflict: %q", names)
+	}
+}
+
+func TestMDNSFiftyServices(t *testing.T) {
+	checkGoroutines(t)
+	a, b := newTestMDNS(t), newTestMDNS(t)
+	ctx := testCtx(t)
+	w, err := b.Watch(ctx, "")
+	assertNoError(t, err)
+	defer w.Stop()
+	for i := range 50 {
+		name := fmt.Sprintf("mdns-fifty-%02d", i)
+		assertNoError(t, a.Register(ctx, testNode(name, name+"-node", fmt.Sprintf("127.0.0.1:%d", 2000+i), nil), time.Minute))
+	}
+	found := map[string]bool{}
+	for len(found) < 50 {
+		ev := testNext(t, w, func(ev *RegistryEvent) bool {
+			return ev.Type == EventCreate && strings.HasPrefix(ev.Service.Name, "mdns-fifty-")
+		})
+		found[ev.Service.Name] = true
+	}
+	all, err := b.List(ctx)
+	assertNoError(t, err)
+	n := 0
+	for _, s := range all {
+		if strings.HasPrefix(s.Name, "mdns-fifty-") {
+			n++
+		}
+	}
+	assertEqual(t, n, 50)
+	got, err := b.Lookup(ctx, "mdns-fifty-49")
+	assertNoError(t, err)
+	assertEqual(t, got[0].Nodes[0].Address, "127.0.0.1:2049")
+}
+
+// TestMDNSIPv6 finds a node over IPv6 only, across the veth pair of the
+// namespace, by the link-local address of the interface the query came in
+// on, and connects to it.
+func TestMDNSIPv6(t *testing.T) {
+	if !testInNetns() {
+		t.Skip("needs the private network namespace's veth pair")
+	}
+	checkGoroutines(t)
+	ln, err := net.Listen("tcp6", "[::]:0")
+	assertNoError(t, err)
+	defer ln.Close()
+	a := newTestMDNS(t, MDNSNetwork("udp6"), MDNSInterfaces("veth0"))
+	b := newTestMDNS(t, MDNSNetwork("udp6"), MDNSInterfaces("veth1"))
+	ctx := testCtx(t)
+	port := ln.Addr().(*net.TCPAddr).Port
+	assertNoError(t, a.Register(ctx, testNode("mdns-six", "six-1", fmt.Sprintf("[::]:%d", port), nil), time.Minute))
+	got, err := b.Lookup(ctx, "mdns-six")
+	assertNoError(t, err)
+	addr := got[0].Nodes[0].Address
+	ap, err := netip.ParseAddrPort(addr)
+	assertNoError(t, err)
+	if !ap.Addr().Is6() || !ap.Addr().IsLinkLocalUnicast() || ap.Addr().Zone() != "veth1" {
+		t.Fatalf("resolved %s; want a link-local address through veth1", addr)
+	}
+	conn, err := net.Dial("tcp", addr)
+	assertNoError(t, err)
+	conn.Close()
+}
+
+// TestMDNSLegacyQuery asks as a one-shot resolver does (dig -p 5353), from
+// an ordinary port, and gets a unicast answer with its ID and question.
+func TestMDNSLegacyQuery(t *testing.T) {
+	checkGoroutines(t)
+	r := newTestMDNS(t)
+	ctx := testCtx(t)
+	assertNoError(t, r.Register(ctx, testNode("mdns-legacy", "legacy-1", "127.0.0.1:7070", nil), time.Minute))
+	c, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	assertNoError(t, err)
+	defer c.Close()
+	for _, q := range []struct {
+		name string
+		typ  dnsmessage.Type
+	}{{mdnsSubtype("mdns-legacy"), mdnsTypePTR}, {mdnsMetaQuery, mdnsTypePTR}} {
+		m := dnsmessage.Message{Header: dnsmessage.Header{ID: 0x4242},
+			Questions: []dnsmessage.Question{{Name: mdnsName(q.name), Type: q.typ, Class: dnsmessage.ClassINET}}}
+		b, err := m.Pack()
+		assertNoError(t, err)
+		var rsp dnsmessage.Message
+		for attempt := 0; ; attempt++ {
+			_, err = c.WriteToUDP(b, &net.UDPAddr{IP: net.IPv4(224, 0, 0, 251), Port: mdnsPort})
+			assertNoError(t, err)
+			c.SetReadDeadline(time.Now().Add(2 * time.Second))
+			buf := make([]byte, 9000)
+			n, err := c.Read(buf)
+			if err != nil && attempt < 3 {
+				continue // the registry may not have joined yet
+			}
+			assertNoError(t, err)
+			assertNoError(t, rsp.Unpack(buf[:n]))
+			break
+		}
+		assertEqual(t, rsp.Header.ID, uint16(0x4242))
+		if len(rsp.Questions) != 1 || len(rsp.Answers) == 0 {
+			t.Fatalf("answer to %s: %+v", q.name, rsp)
+		}
+		for _, rr := range append(rsp.Answers, rsp.Additionals...) {
+			if rr.Header.TTL > mdnsLegacyTTL || rr.Header.Class&mdnsFlush != 0 {
+				t.Fatalf("legacy answer record %v: TTL %d, class %#x", rr.Header.Name, rr.Header.TTL, rr.Header.Class)
+			}
+		}
+	}
+}
+
+// The kill -9 test and the two-process tests run this test binary again as
+// a node: MICRO_MDNS_CHILD=name,ttl registers a node and prints "ready";
+// MICRO_MDNS_FIND=name also looks a service up and prints what it found.
+func TestMDNSHelperProcess(t *testing.T) {
+	spec := os.Getenv("MICRO_MDNS_CHILD")
+	if spec == "" {
+		t.Skip("run as a child by the mDNS process tests")
+	}
+	name, ttlStr, _ := strings.Cut(spec, ",")
+	ttl, _ := time.ParseDuration(ttlStr)
+	r, err := NewMDNSRegistry(testMDNSOptions(t)...)
+	if err != nil {
+		fmt.Println("error", err)
+		os.Exit(1)
+	}
+	ctx := context.Background()
+	if err := r.Register(ctx, testNode(name, name+"-child", "127.0.0.1:9999", nil), ttl); err != nil {
+		fmt.Println("error", err)
+		os.Exit(1)
+	}
+	fmt.Println("ready")
+	if find := os.Getenv("MICRO_MDNS_FIND"); find != "" {
+		lctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+		w, _ := r.Watch(lctx, find)
+		for {
+			got, err := r.Lookup(lctx, find)
+			if err == nil {
+				fmt.Println("found", got[0].Nodes[0].ID)
+				break
+			}
+			if lctx.Err() != nil {
+				fmt.Println("error", err)
+				break
+			}
+			w.Next() // something changed; look again
+		}
+		cancel()
+	}
+	bufio.NewReader(os.Stdin).ReadString('\n') // until the parent says so, or kills us
+	r.Close()
+	os.Exit(0)
+}
+
+// testChild starts this binary as an mDNS node and waits for it to be ready.
+func testChild(t *testing.T, name, ttl, find string) (*exec.Cmd, *bufio.Scanner, func()) {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], "-test.run=^TestMDNSHelperProcess$")
+	cmd.Env = append(os.Environ(), "MICRO_MDNS_CHILD="+name+","+ttl, "MICRO_MDNS_FIND="+find)
+	stdin, err := cmd.StdinPipe()
+	assertNoError(t, err)
+	stdout, err := cmd.StdoutPipe()
+	assertNoError(t, err)
+	cmd.Stderr = os.Stderr
+	assertNoError(t, cmd.Start())
+	sc := bufio.NewScanner(stdout)
+	if !sc.Scan() || sc.Text() != "ready" {
+		cmd.Process.Kill()
+		cmd.Wait()
+		t.Fatalf("child %s did not start: %q", name, sc.Text())
+	}
+	stop := func() {
+		stdin.Close()
+		cmd.Wait()
+	}
+	return cmd, sc, stop
+}
+
+func TestMDNSNodeKilledExpires(t *testing.T) {
+	checkGoroutines(t)
+	r := newTestMDNS(t)
+	ctx := testCtx(t)
+	w, err := r.Watch(ctx, "mdns-killed")
+	assertNoError(t, err)
+	defer w.Stop()
+	cmd, _, stop := testChild(t, "mdns-killed", "2s", "")
+	defer stop()
+	ev := testNext(t, w, func(*RegistryEvent) bool { return true })
+	assertEqual(t, ev.Type, EventCreate)
+	assertNoError(t, cmd.Process.Signal(syscall.SIGKILL)) // no goodbye
+	start := time.Now()
+	ev = testNext(t, w, func(*RegistryEvent) bool { return true })
+	assertEqual(t, ev.Type, EventDelete)
+	t.Logf("killed node gone after %v (TTL 2s)", time.Since(start))
+}
+
+// Two services in separate processes find each other, whichever started
+// first.
+func TestMDNSTwoProcesses(t *testing.T) {
+	for _, childFirst := range []bool{true, false} {
+		t.Run(fmt.Sprintf("childFirst=%v", childFirst), func(t *testing.T) {
+			checkGoroutines(t)
+			ctx := testCtx(t)
+			parent, child := fmt.Sprintf("mdns-parent-%v", childFirst), fmt.Sprintf("mdns-child-%v", childFirst)
+			r := newTestMDNS(t)
+			register := func() {
+				assertNoError(t, r.Register(ctx, testNode(parent, parent+"-node", "127.0.0.1:8888", nil), time.Minute))
+			}
+			if !childFirst {
+				register()
+			}
+			_, sc, stop := testChild(t, child, "1m", parent)
+			defer stop()
+			if childFirst {
+				register()
+			}
+			got, err := r.Lookup(ctx, child)
+			assertNoError(t, err)
+			assertEqual(t, got[0].Nodes[0].ID, child+"-child")
+			if !sc.Scan() || sc.Text() != "found "+parent+"-node" {
+				t.Fatalf("child: %q", sc.Text())
+			}
+		})
+	}
+}
