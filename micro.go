@@ -73,8 +73,10 @@
 //
 // # Discovery and balancing
 //
-// A [Registry] maps service names to nodes. [MemoryRegistry] serves one
-// process. The client caches lookups, refreshes them from a watch, and shares
+// A [Registry] maps service names to nodes. The default, [MDNSRegistry],
+// announces and finds services on the local link by multicast DNS (RFC 6762
+// and the DNS-SD records of RFC 6763, which avahi-browse and dns-sd show),
+// with no server to run; [MemoryRegistry] serves one process. The client caches lookups, refreshes them from a watch, and shares
 // one lookup among concurrent misses. A [Balancer] picks the node for each
 // attempt; the default, [NodeBalancer] with [LeastInFlight], ejects nodes that
 // keep failing and probes them back. A call that was never served (the node
@@ -165,8 +167,10 @@ type Option interface {
 }
 
 // NewService returns a service with the options. Unless [WithRegistry] says
-// otherwise, it uses a [MemoryRegistry] of its own, so only its own client can
-// find it: share one registry between services in a process.
+// otherwise, it uses an [MDNSRegistry] of its own (or a [MemoryRegistry] with
+// -registry memory), which it closes on Close. Its sockets open when the
+// service starts or its client first looks a service up. Services in one
+// process that share a registry find each other without the network.
 func NewService(opts ...ServiceOption) *Service {
 	s := &Service{
 		opts: serviceOptions{
@@ -189,6 +193,8 @@ func NewService(opts ...ServiceOption) *Service {
 	return s
 }
 
+// setRegistry takes the registry of the options, or makes the service's own:
+// mDNS unless -registry memory asked for a MemoryRegistry.
 func (s *Service) setRegistry() {
 	if s.ownsReg {
 		if c, ok := s.registry.(interface{ Close() error }); ok {
@@ -196,9 +202,17 @@ func (s *Service) setRegistry() {
 		}
 	}
 	s.registry, s.ownsReg = s.opts.registry, false
-	if s.registry == nil {
-		s.registry, s.ownsReg = NewMemoryRegistry(), true
+	if s.registry != nil {
+		return
 	}
+	s.ownsReg = true
+	if s.opts.registryName != "memory" {
+		if r, err := NewMDNSRegistry(); err == nil { // cannot fail without options
+			s.registry = r
+			return
+		}
+	}
+	s.registry = NewMemoryRegistry()
 }
 
 // Init applies more options, then the environment (MICRO_NAME,
@@ -217,7 +231,7 @@ func (s *Service) Init(opts ...ServiceOption) error {
 		return errors.New("micro: Init after Start")
 	}
 	prevName := s.opts.name
-	prevRegistry := s.opts.registry
+	prevRegistry, prevRegistryName := s.opts.registry, s.opts.registryName
 	o := &s.opts
 	o.serverOpts, o.clientOpts = nil, nil
 	for _, opt := range opts {
@@ -234,7 +248,7 @@ func (s *Service) Init(opts ...ServiceOption) error {
 		fs.StringVar(&o.version, "version", o.version, "service version")
 		fs.StringVar(&o.address, "address", o.address, "address to listen on (host:port)")
 		fs.StringVar(&o.advertise, "advertise", o.advertise, "address to register (default: the bound address)")
-		fs.StringVar(&o.registryName, "registry", o.registryName, "registry: memory")
+		fs.StringVar(&o.registryName, "registry", o.registryName, "registry: mdns (multicast DNS on the local link) or memory (this process only)")
 		fs.DurationVar(&o.registerTTL, "register_ttl", o.registerTTL, "registration TTL")
 		fs.DurationVar(&o.registerInterval, "register_interval", o.registerInterval, "re-registration interval")
 		fs.Var(metadata, "metadata", "service metadata key=value (repeatable)")
@@ -286,16 +300,16 @@ func (s *Service) Init(opts ...ServiceOption) error {
 		return err
 	}
 	switch o.registryName {
-	case "", "memory": // the service's own MemoryRegistry unless WithRegistry gave one
+	case "", "mdns", "memory": // the service's own, unless WithRegistry gave one
 	default:
-		return fmt.Errorf("micro: unknown registry %q (have: memory)", o.registryName)
+		return fmt.Errorf("micro: unknown registry %q (have: mdns, memory)", o.registryName)
 	}
 	if o.name != prevName {
 		o.serverOpts = append(o.serverOpts, serverName(o.name))
 	}
 	s.server.apply(o.serverOpts)
 	clientOpts := o.clientOpts
-	if o.registry != prevRegistry {
+	if o.registry != prevRegistry || o.registryName != prevRegistryName {
 		s.setRegistry()
 		clientOpts = append(clientOpts, WithRegistry(s.registry))
 	}
@@ -454,7 +468,12 @@ func (s *Service) start() error {
 	rand.Read(id)
 	addr := s.opts.advertise
 	if addr == "" {
-		addr = serviceAdvertise(ln.Addr().(*net.TCPAddr))
+		tcp := ln.Addr().(*net.TCPAddr)
+		if _, mdns := s.registry.(*MDNSRegistry); mdns && tcp.IP.IsUnspecified() {
+			addr = tcp.String() // mDNS answers with the address of the interface asked on
+		} else {
+			addr = serviceAdvertise(tcp)
+		}
 	}
 	s.info = &ServiceInfo{
 		Name:      s.opts.name,

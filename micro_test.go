@@ -427,6 +427,7 @@ func TestServiceInitFlagsAndEnv(t *testing.T) {
 	t.Setenv("MICRO_VERSION", "2.0.0")
 	t.Setenv("MICRO_METADATA", "zone=eu,track=canary")
 	t.Setenv("MICRO_REGISTER_TTL", "45s")
+	t.Setenv("MICRO_REGISTRY", "memory") // no multicast outside the test namespace
 	svc := NewService(Name("greeter"), Version("1.0.0"), HandleSignal(false),
 		Args("-name", "hello", "-address", "127.0.0.1:0", "-metadata", "track=stable", "-test.v"))
 	assertNoError(t, svc.Init())
@@ -435,6 +436,9 @@ func TestServiceInitFlagsAndEnv(t *testing.T) {
 	assertEqual(t, svc.opts.registerTTL, 45*time.Second)
 	assertEqual(t, svc.opts.metadata["zone"], "eu")
 	assertEqual(t, svc.opts.metadata["track"], "stable") // the flag beats the environment
+	if _, ok := svc.Registry().(*MemoryRegistry); !ok {
+		t.Fatalf("MICRO_REGISTRY=memory gave a %T", svc.Registry())
+	}
 	assertNoError(t, svc.Start())
 	defer svc.Close()
 	info := svc.Info()
@@ -470,7 +474,9 @@ func TestServiceHooksAndRunStopsOnContext(t *testing.T) {
 		return func() error { order = append(order, name); return nil }
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	svc := NewService(Name("hooks"), Address("127.0.0.1:0"), Args(), Context(ctx), HandleSignal(false),
+	reg := NewMemoryRegistry()
+	defer reg.Close()
+	svc := NewService(Name("hooks"), Address("127.0.0.1:0"), Args(), Context(ctx), HandleSignal(false), WithRegistry(reg),
 		BeforeStart(hook("before-start")), AfterStart(hook("after-start")),
 		BeforeStop(hook("before-stop")), AfterStop(hook("after-stop")),
 		AfterStart(func() error { cancel(); return nil }))
@@ -533,4 +539,28 @@ func TestServiceStartsAgainAfterStop(t *testing.T) {
 	var rsp HelloResponse
 	assertNoError(t, svc.Client().Call(context.Background(), "greeter", "Greeter.Hello", &HelloRequest{Name: "again"}, &rsp))
 	assertEqual(t, rsp.Message, "hello again")
+}
+
+// Services in one process, each with its default registry (mDNS), find
+// each other over the link, and a wildcard listener is announced with the
+// address of the interface asked on.
+func TestServiceDefaultRegistryIsMDNS(t *testing.T) {
+	if !testInNetns() {
+		t.Skip("the default registry multicasts: only inside the private network namespace")
+	}
+	checkGoroutines(t)
+	svc := newTestService(t, "mdns-greeter", []any{&Greeter{id: "mdns"}}, Address(":0"))
+	if _, ok := svc.Registry().(*MDNSRegistry); !ok {
+		t.Fatalf("default registry is a %T", svc.Registry())
+	}
+	if host, _, _ := net.SplitHostPort(svc.Info().Nodes[0].Address); host != "::" {
+		t.Fatalf("registered %s; want the wildcard address", svc.Info().Nodes[0].Address)
+	}
+	caller := newTestService(t, "mdns-caller", nil)
+	var rsp HelloResponse
+	assertNoError(t, caller.Client().Call(testCtx(t), "mdns-greeter", "Greeter.Hello", &HelloRequest{Name: "link"}, &rsp))
+	assertEqual(t, rsp.Message, "hello link")
+	got, err := caller.Registry().Lookup(testCtx(t), "mdns-greeter")
+	assertNoError(t, err)
+	t.Logf("resolved over the link as %s", got[0].Nodes[0].Address)
 }
