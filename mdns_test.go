@@ -407,3 +407,130 @@ func TestMDNSTwoProcesses(t *testing.T) {
 		})
 	}
 }
+
+// testMDNSOffline is a registry with an interface but no sockets, for
+// feeding packets straight to its handler.
+func testMDNSOffline(t testing.TB) *MDNSRegistry {
+	r, err := NewMDNSRegistry()
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.ifaces = map[int]*mdnsIface{1: {index: 1, name: "test0", loopback: true, v4: true, v6: true,
+		addrs: []netip.Addr{netip.MustParseAddr("127.0.0.1"), netip.MustParseAddr("fe80::1%test0")}}}
+	now := time.Now()
+	for _, info := range []*ServiceInfo{
+		testNode("greeter", "greeter-1", "127.0.0.1:8080", map[string]string{"zone": "a"}),
+		testNode("greeter", "greeter-2", "[::]:8081", nil),
+		testNode("ext", "ext-1", "api.example.com:443", nil),
+	} {
+		e, err := mdnsNewEntry(info, info.Nodes[0], time.Minute, now)
+		if err != nil {
+			t.Fatal(err)
+		}
+		r.entries[e.key] = e
+	}
+	return r
+}
+
+// testMDNSSeeds are packets of every kind the registry itself sends.
+func testMDNSSeeds(t testing.TB) [][]byte {
+	r := testMDNSOffline(t)
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	now := time.Now()
+	for _, e := range r.entries {
+		r.announceLocked(e, now)
+		r.probeLocked(e, now)
+	}
+	r.queryLocked("", now)
+	r.queryLocked("greeter", now)
+	r.oneShotLocked("greeter")
+	var seeds [][]byte
+	for _, o := range r.out {
+		seeds = append(seeds, o.msg)
+	}
+	return seeds
+}
+
+func FuzzMDNSPacket(f *testing.F) {
+	for _, s := range testMDNSSeeds(f) {
+		f.Add(s)
+	}
+	f.Add([]byte{})
+	f.Add([]byte{0, 0, 0x84, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0xc0, 0x0c}) // a name pointing at itself
+	f.Fuzz(func(t *testing.T, b []byte) {
+		r := testMDNSOffline(t)
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		now := time.Now()
+		for _, src := range []netip.AddrPort{
+			netip.MustParseAddrPort("127.0.0.1:5353"), netip.MustParseAddrPort("127.0.0.1:40000"),
+		} {
+			r.handleLocked(mdnsIn{buf: b, ifIndex: 1, src: src}, now)
+			r.handleLocked(mdnsIn{buf: b, ifIndex: 1, src: src, oneShot: true}, now)
+		}
+		r.tickLocked(now.Add(time.Second))
+		for _, o := range r.out {
+			var m dnsmessage.Message
+			if err := m.Unpack(o.msg); err != nil {
+				t.Fatalf("we sent a packet that does not parse: %v", err)
+			}
+		}
+		if len(r.cache.srv) > mdnsMaxInstances || len(r.entries) != 3 {
+			t.Fatalf("state out of bounds: %d cached, %d entries", len(r.cache.srv), len(r.entries))
+		}
+	})
+}
+
+func TestMDNSAnswerAndKnownAnswers(t *testing.T) {
+	r := testMDNSOffline(t)
+	entries := r.liveEntriesLocked()
+	ifc := r.ifaces[1]
+	q := func(name string, typ dnsmessage.Type) dnsmessage.Question {
+		return dnsmessage.Question{Name: mdnsName(name), Type: typ, Class: dnsmessage.ClassINET}
+	}
+	ans, extra := mdnsAnswer(entries, q(mdnsSubtype("greeter"), mdnsTypePTR), ifc, false)
+	assertEqual(t, len(ans), 2) // both greeter nodes, not ext
+	if len(extra) < 6 {
+		t.Fatalf("additional records: %d", len(extra))
+	}
+	ans, _ = mdnsAnswer(entries, q(mdnsServiceType, mdnsTypePTR), ifc, false)
+	assertEqual(t, len(ans), 3)
+	ans, _ = mdnsAnswer(entries, q(mdnsMetaQuery, mdnsTypePTR), ifc, false)
+	assertEqual(t, len(ans), 1)
+	// A wildcard node answers with the interface's addresses; a name is
+	// given as the SRV target, with no address records of ours.
+	ans, _ = mdnsAnswer(entries, q("greeter-2.local.", mdnsTypeANY), ifc, false)
+	assertEqual(t, len(ans), 2)
+	ans, _ = mdnsAnswer(entries, q("ext-1."+mdnsServiceType, mdnsTypeSRV), ifc, false)
+	assertEqual(t, ans[0].Body.(*dnsmessage.SRVResource).Target.String(), "api.example.com.")
+	// Records the asker knows with over half their TTL left are left out.
+	ans, _ = mdnsAnswer(entries, q(mdnsSubtype("greeter"), mdnsTypePTR), ifc, false)
+	known := map[string]uint32{mdnsKey(&ans[0]): ans[0].Header.TTL}
+	assertEqual(t, len(mdnsDropKnown(ans, known)), 1)
+	known[mdnsKey(&ans[0])] = ans[0].Header.TTL/2 - 1
+	assertEqual(t, len(mdnsDropKnown(ans, known)), 2)
+}
+
+func TestMDNSTXT(t *testing.T) {
+	txt, err := mdnsTXT("greeter", "1.0", "n1", map[string]string{"zone": "a", "node": "x", "_p": "y"})
+	assertNoError(t, err)
+	service, version, node, md, ok := mdnsParseTXT(txt)
+	if !ok || service != "greeter" || version != "1.0" || node != "n1" ||
+		md["zone"] != "a" || md["node"] != "x" || md["_p"] != "y" || len(md) != 3 {
+		t.Fatalf("round trip: %q -> %v %v %v %v", txt, service, version, node, md)
+	}
+	if _, err := mdnsTXT("greeter", "", "n1", map[string]string{"big": strings.Repeat("x", 300)}); CodeOf(err) != CodeInvalidArgument {
+		t.Fatalf("oversized TXT string: %v", err)
+	}
+	many := map[string]string{}
+	for i := range 20 {
+		many[fmt.Sprint("k", i)] = strings.Repeat("v", 100)
+	}
+	if _, err := mdnsTXT("greeter", "", "n1", many); err == nil || !strings.Contains(err.Error(), "bytes of TXT") {
+		t.Fatalf("oversized TXT record: %v", err)
+	}
+	assertEqual(t, mdnsLabel("go.micro.srv.greeter", 63), "go-micro-srv-greeter")
+	assertEqual(t, mdnsSubtype("Go.Greeter"), "_go-greeter._sub._micro._tcp.local.")
+	assertEqual(t, mdnsHostLabel("Greeter_1.x", 63), "greeter-1-x")
+}
