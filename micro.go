@@ -482,6 +482,7 @@ func (s *Service) start() error {
 		Endpoints: s.server.Endpoints(),
 		Nodes:     []*Node{{ID: s.opts.name + "-" + hex.EncodeToString(id), Address: addr, Metadata: maps.Clone(s.opts.metadata)}},
 	}
+	s.server.info.Store(s.info.Clone())
 	ctx, cancel := context.WithCancel(context.Background())
 	s.cancel = cancel
 	s.stopped = make(chan struct{})

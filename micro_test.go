@@ -563,4 +563,29 @@ func TestServiceDefaultRegistryIsMDNS(t *testing.T) {
 	got, err := caller.Registry().Lookup(testCtx(t), "mdns-greeter")
 	assertNoError(t, err)
 	t.Logf("resolved over the link as %s", got[0].Nodes[0].Address)
+	if len(got[0].Endpoints) != 0 {
+		t.Fatalf("endpoints travelled in DNS: %v", got[0].Endpoints)
+	}
+	full, err := caller.Client().Describe(testCtx(t), "mdns-greeter")
+	assertNoError(t, err)
+	if len(full) != 1 || !slices.ContainsFunc(full[0].Endpoints, func(e *Endpoint) bool { return e.Name == "Greeter.Hello" }) {
+		t.Fatalf("described: %+v", full)
+	}
+}
+
+func TestClientDescribe(t *testing.T) {
+	checkGoroutines(t)
+	reg := NewMemoryRegistry()
+	t.Cleanup(func() { reg.Close() })
+	newTestService(t, "described", []any{&Greeter{id: "d"}}, WithRegistry(reg), Metadata(map[string]string{"team": "core"}))
+	caller := newTestService(t, "describer", nil, WithRegistry(reg))
+	got, err := caller.Client().Describe(testCtx(t), "described")
+	assertNoError(t, err)
+	if len(got) != 1 || len(got[0].Nodes) != 1 || got[0].Metadata["team"] != "core" ||
+		!slices.ContainsFunc(got[0].Endpoints, func(e *Endpoint) bool { return e.Name == "Greeter.Hello" }) {
+		t.Fatalf("described: %+v", got[0])
+	}
+	if _, err := caller.Client().Describe(testCtx(t), "nobody"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("describing a missing service: %v", err)
+	}
 }

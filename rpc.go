@@ -14,6 +14,7 @@ import (
 	"net"
 	"net/http"
 	"net/textproto"
+	"net/url"
 	"reflect"
 	"runtime/debug"
 	"slices"
@@ -244,6 +245,7 @@ type Server struct {
 
 	closing    atomic.Bool // Shutdown or Close began
 	draining   atomic.Bool // /health says so
+	info       atomic.Pointer[ServiceInfo] // served at /micro/info; set by Service
 	baseCtx    context.Context
 	cancelBase context.CancelFunc
 }
@@ -557,6 +559,10 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			s.serveHealth(w)
 			return
 		}
+		if r.URL.Path == rpcInfoPath && (r.Method == http.MethodGet || r.Method == http.MethodHead) {
+			s.serveInfo(w)
+			return
+		}
 		rpcWriteReply(w, rpcErrorReply(0, Errorf(CodeUnimplemented, "no endpoint at %s", r.URL.Path)))
 		return
 	}
@@ -601,6 +607,25 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		header:      r.Header,
 	}
 	rpcWriteReply(w, s.unary(r.Context(), m, &head, buf.Bytes()))
+}
+
+// rpcInfoPath serves a node's full record: what discovery records leave out.
+const rpcInfoPath = "/micro/info"
+
+// serveInfo answers with the node's ServiceInfo as JSON: the record its
+// service registered, or the server's name and endpoints.
+func (s *Server) serveInfo(w http.ResponseWriter) {
+	info := s.info.Load()
+	if info == nil {
+		info = &ServiceInfo{Name: s.opts.name, Endpoints: s.Endpoints()}
+	}
+	b, err := json.Marshal(info)
+	if err != nil {
+		rpcWriteReply(w, rpcErrorReply(0, Errorf(CodeInternal, "encoding the service record: %v", err)))
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.Write(b)
 }
 
 func (s *Server) serveHealth(w http.ResponseWriter) {
@@ -1393,6 +1418,72 @@ func (c *Client) nodes(ctx context.Context, service string, o *callOptions) ([]*
 		return nil, Errorf(CodeUnavailable, "micro: service %s: %w", service, ErrNoNodes)
 	}
 	return nodes, nil
+}
+
+// Describe returns the full records of a service, one per version:
+// endpoints and metadata as each version's first reachable node serves them
+// at GET /micro/info (discovery records, mDNS's above all, carry only what
+// finding a node needs), with the nodes the registry knows.
+func (c *Client) Describe(ctx context.Context, service string) ([]*ServiceInfo, error) {
+	if c.cache == nil {
+		return nil, Errorf(CodeFailedPrecondition, "micro: client has no registry")
+	}
+	services, err := c.cache.lookup(ctx, service)
+	if err != nil {
+		return nil, err
+	}
+	hc := c.hc
+	if hc == nil {
+		hc = &http.Client{Transport: &http.Transport{DisableKeepAlives: true}}
+	}
+	var out []*ServiceInfo
+	var errs []error
+	for _, s := range services {
+		full, err := c.describe(ctx, hc, s)
+		if err != nil {
+			errs = append(errs, err)
+			full = s.Clone()
+		}
+		out = append(out, full)
+	}
+	if len(errs) == len(services) {
+		return out, Errorf(CodeUnavailable, "micro: describing %s: %w", service, errors.Join(errs...))
+	}
+	return out, nil
+}
+
+func (c *Client) describe(ctx context.Context, hc *http.Client, s *ServiceInfo) (*ServiceInfo, error) {
+	var errs []error
+	for _, n := range s.Nodes {
+		if !rpcValidAddr(n.Address) {
+			continue
+		}
+		u := url.URL{Scheme: "http", Host: n.Address, Path: rpcInfoPath} // escapes an IPv6 zone
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		rsp, err := hc.Do(req)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		var info ServiceInfo
+		err = json.NewDecoder(io.LimitReader(rsp.Body, c.opts.maxRspSize)).Decode(&info)
+		rsp.Body.Close()
+		if err == nil && rsp.StatusCode != http.StatusOK {
+			err = errors.New(rsp.Status)
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", n.Address, err))
+			continue
+		}
+		full := s.Clone()
+		full.Endpoints, full.Metadata = info.Endpoints, info.Metadata
+		return full, nil
+	}
+	return nil, errors.Join(errs...)
 }
 
 // attempt makes one attempt at one node: over the HTTP/1.1 fast path, or
