@@ -243,8 +243,8 @@ type Server struct {
 	connWG    sync.WaitGroup // fast-path connection goroutines
 	closed    bool
 
-	closing    atomic.Bool // Shutdown or Close began
-	draining   atomic.Bool // /health says so
+	closing    atomic.Bool                 // Shutdown or Close began
+	draining   atomic.Bool                 // /health says so
 	info       atomic.Pointer[ServiceInfo] // served at /micro/info; set by Service
 	baseCtx    context.Context
 	cancelBase context.CancelFunc
