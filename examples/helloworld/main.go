@@ -1,6 +1,8 @@
 // Command helloworld is the smallest useful micro service: it serves a
 // Greeter, finds itself through the registry, calls itself and prints the
-// answer. With -serve it keeps serving until interrupted, for curl:
+// answer. Calling itself needs no network, so it uses a registry in memory.
+// With -serve it keeps serving until interrupted, announced on the local link
+// by mDNS (the default registry), for curl and for other services:
 //
 //	go run ./examples/helloworld -serve -address 127.0.0.1:8080
 //	curl -H 'Content-Type: application/json' -d '{"name":"ada"}' http://127.0.0.1:8080/Greeter/Hello
@@ -49,6 +51,13 @@ func main() {
 	)
 	if err := svc.Init(); err != nil {
 		log.Fatal(err)
+	}
+	if !*serve { // one process: find itself in memory, multicast nothing
+		reg := micro.NewMemoryRegistry()
+		defer reg.Close()
+		if err := svc.Init(micro.WithRegistry(reg)); err != nil {
+			log.Fatal(err)
+		}
 	}
 	if err := micro.RegisterHandler(svc.Server(), new(Greeter)); err != nil {
 		log.Fatal(err)
