@@ -66,6 +66,7 @@ type MDNSRegistry struct {
 	watch   map[*registryWatcher]struct{}
 	waiters map[*mdnsWaiter]struct{}
 	asks    map[string]*mdnsInterest // service name ("" for all) → its queries
+	asked   map[string]time.Time     // when each service was last asked for
 	pending map[mdnsPendKey]*mdnsPending
 	sent    map[mdnsSentKey]time.Time // last multicast of a record per interface
 	out     []mdnsOut
@@ -155,6 +156,7 @@ func NewMDNSRegistry(opts ...MDNSOption) (*MDNSRegistry, error) {
 		watch:   make(map[*registryWatcher]struct{}),
 		waiters: make(map[*mdnsWaiter]struct{}),
 		asks:    make(map[string]*mdnsInterest),
+		asked:   make(map[string]time.Time),
 		pending: make(map[mdnsPendKey]*mdnsPending),
 		sent:    make(map[mdnsSentKey]time.Time),
 		wake:    make(chan struct{}, 1),
@@ -436,7 +438,11 @@ func (r *MDNSRegistry) tickLocked(now time.Time) time.Time {
 		}
 	}
 	for service, a := range r.asks {
+		if last, ok := r.asked[service]; ok && a.next.Before(last.Add(time.Second)) {
+			a.next = last.Add(time.Second) // never the same question twice a second
+		}
 		if due(a.next) {
+			r.asked[service] = now
 			r.queryLocked(service, now)
 			a.next = now.Add(a.interval)
 			a.interval = min(2*a.interval, time.Hour) // RFC 6762 §5.2
@@ -454,6 +460,11 @@ func (r *MDNSRegistry) tickLocked(now time.Time) time.Time {
 	for k, t := range r.sent {
 		if now.Sub(t) > 2*time.Second {
 			delete(r.sent, k)
+		}
+	}
+	for k, t := range r.asked {
+		if now.Sub(t) > 2*time.Second {
+			delete(r.asked, k)
 		}
 	}
 	return next
