@@ -16,9 +16,14 @@ import (
 	"google.golang.org/protobuf/proto"
 )
 
-// TestMain fails the run if the tests leave goroutines behind: every server,
-// client and connection they open must be closed by its t.Cleanup.
+// TestMain runs the tests in a private network namespace when it can
+// (reexecInNetns), and fails the run if they leave goroutines behind: every
+// server, client, registry and connection they open must be closed by its
+// t.Cleanup.
 func TestMain(m *testing.M) {
+	if code, ok := reexecInNetns(); ok {
+		os.Exit(code)
+	}
 	before := runtime.NumGoroutine()
 	code := m.Run()
 	if code == 0 {
