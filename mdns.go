@@ -585,14 +585,20 @@ func (r *MDNSRegistry) queryLocked(service string, now time.Time) {
 	r.sendQueryLocked([]dnsmessage.Question{q}, known)
 }
 
-// oneShotLocked asks for a service from the one-shot sockets, so that
-// responders answer at once by unicast (RFC 6762 §6.7).
+// oneShotLocked asks for a service ("" for all) from the one-shot sockets,
+// so that responders answer at once by unicast (RFC 6762 §6.7), and those
+// that only ever answer by unicast are heard whichever process on this host
+// holds port 5353.
 func (r *MDNSRegistry) oneShotLocked(service string) {
 	if len(r.shots) == 0 {
 		return
 	}
+	owner := mdnsServiceType
+	if service != "" {
+		owner = mdnsSubtype(service)
+	}
 	m := dnsmessage.Message{Header: dnsmessage.Header{ID: uint16(rand.Uint32())},
-		Questions: []dnsmessage.Question{{Name: mdnsName(mdnsSubtype(service)), Type: mdnsTypePTR, Class: dnsmessage.ClassINET}}}
+		Questions: []dnsmessage.Question{{Name: mdnsName(owner), Type: mdnsTypePTR, Class: dnsmessage.ClassINET}}}
 	b, err := m.Pack()
 	if err != nil {
 		return
@@ -1237,6 +1243,7 @@ func (r *MDNSRegistry) List(ctx context.Context) ([]*ServiceInfo, error) {
 	warm := r.asks[""] != nil && time.Since(r.asks[""].since) > time.Second
 	if !warm {
 		r.interestLocked("", 1, time.Now())
+		r.oneShotLocked("")
 	}
 	r.mu.Unlock()
 	if !warm {
@@ -1275,6 +1282,7 @@ func (r *MDNSRegistry) Watch(ctx context.Context, service string) (Watcher, erro
 	w := &registryWatcher{service: service, ready: make(chan struct{}, 1), done: make(chan struct{})}
 	r.watch[w] = struct{}{}
 	r.interestLocked(service, 1, time.Now())
+	r.oneShotLocked(service)
 	r.poke()
 	w.stop = context.AfterFunc(ctx, w.Stop)
 	w.remove = func() {
