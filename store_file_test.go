@@ -88,7 +88,7 @@ func TestFileStoreReopens(t *testing.T) {
 	assertNoError(t, s.Compact(ctx))
 	after := len(testLogOffsets(t, path))
 	assertEqual(t, before, 103) // 100, an overwrite, a tombstone, the expired one
-	assertEqual(t, after, 99) // k000..k099 less k001
+	assertEqual(t, after, 99)   // k000..k099 less k001
 	assertEqual(t, testReadValue(t, s, "k000"), "over")
 	keys, err := s.List(ctx)
 	assertNoError(t, err)
