@@ -2,6 +2,7 @@ package micro
 
 import (
 	"bufio"
+	"bytes"
 	"container/heap"
 	"context"
 	"encoding/binary"
@@ -16,6 +17,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 )
 
 // FileStore is a [Store] on disk that survives a crash: an acknowledged
@@ -1216,10 +1218,10 @@ func storeDecode(b []byte) (r storeRaw, n int, err error) {
 	r.expires = int64(binary.LittleEndian.Uint64(body[1:9]))
 	rest := body[9:]
 	var ok bool
-	if r.table, rest, ok = storeField(rest); !ok || len(r.table) > storeMaxTable {
+	if r.table, rest, ok = storeField(rest); !ok || len(r.table) > storeMaxTable || !utf8.Valid(r.table) || bytes.IndexByte(r.table, 0) >= 0 {
 		return r, 0, storeErrShape
 	}
-	if r.key, rest, ok = storeField(rest); !ok || len(r.key) == 0 || len(r.key) > storeMaxKey {
+	if r.key, rest, ok = storeField(rest); !ok || len(r.key) == 0 || len(r.key) > storeMaxKey || !utf8.Valid(r.key) {
 		return r, 0, storeErrShape
 	}
 	nmeta, k := binary.Uvarint(rest)
@@ -1228,14 +1230,11 @@ func storeDecode(b []byte) (r storeRaw, n int, err error) {
 	}
 	rest = rest[k:]
 	meta := rest
-	for range nmeta {
+	for range 2 * nmeta { // keys and values
 		var f []byte
-		for range 2 {
-			if f, rest, ok = storeField(rest); !ok {
-				return r, 0, storeErrShape
-			}
+		if f, rest, ok = storeField(rest); !ok || !utf8.Valid(f) {
+			return r, 0, storeErrShape
 		}
-		_ = f
 	}
 	r.nmeta = int(nmeta)
 	r.meta = meta[:len(meta)-len(rest)]
