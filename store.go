@@ -215,14 +215,13 @@ func (o storeOption) applyStore(s *storeOptions) {
 
 // storeOptions are the options of a MemoryStore or FileStore.
 type storeOptions struct {
-	sync       storeSyncPolicy
-	interval   time.Duration
-	compactAt  int64 // garbage bytes that start a compaction; < 0: never
-	skipBad    bool
-	logger     *slog.Logger
-	now        func() time.Time
-	noMmap     bool // read with pread only (tests)
-	noAutoComp bool
+	sync      storeSyncPolicy
+	interval  time.Duration
+	compactAt int64 // garbage bytes that start a compaction; < 0: never
+	skipBad   bool
+	logger    *slog.Logger
+	now       func() time.Time
+	noMmap    bool // read with pread only (tests)
 }
 
 type storeSyncPolicy int

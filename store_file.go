@@ -1078,7 +1078,6 @@ func (l *storeLog) compact(ctx context.Context) error {
 	for p := 0; p < len(tail); { // replay the tail onto the new index
 		r, n, err := storeDecode(tail[p:])
 		if err != nil { // cannot be: these records were written and read back
-			n = len(tail) - p
 			l.fs.opts.logger.Error("micro: store: damaged record in a compaction's tail", "path", l.path, "err", err)
 			break
 		}
@@ -1189,9 +1188,9 @@ func (r *storeRaw) metadata() map[string]string {
 }
 
 var (
-	storeErrShort = errors.New("the record runs past the end of the log")
-	storeErrCRC   = errors.New("checksum mismatch")
-	storeErrShape = errors.New("malformed record")
+	errStoreShort = errors.New("the record runs past the end of the log")
+	errStoreCRC   = errors.New("checksum mismatch")
+	errStoreShape = errors.New("malformed record")
 )
 
 // storeDecode decodes the record at the start of b and returns it and its
@@ -1199,52 +1198,52 @@ var (
 // on any input.
 func storeDecode(b []byte) (r storeRaw, n int, err error) {
 	if len(b) < storeHeadLen {
-		return r, 0, storeErrShort
+		return r, 0, errStoreShort
 	}
 	size := binary.LittleEndian.Uint32(b)
 	if size < 1+8+3 || size > storeMaxRecord-storeHeadLen {
-		return r, 0, storeErrShape
+		return r, 0, errStoreShape
 	}
 	if uint64(len(b)-storeHeadLen) < uint64(size) {
-		return r, 0, storeErrShort
+		return r, 0, errStoreShort
 	}
 	n = storeHeadLen + int(size)
 	body := b[storeHeadLen:n]
 	flags := body[0]
 	if flags&^storeFlagTombstone != 0 {
-		return r, 0, storeErrShape
+		return r, 0, errStoreShape
 	}
 	r.tomb = flags&storeFlagTombstone != 0
 	r.expires = int64(binary.LittleEndian.Uint64(body[1:9]))
 	rest := body[9:]
 	var ok bool
 	if r.table, rest, ok = storeField(rest); !ok || len(r.table) > storeMaxTable || !utf8.Valid(r.table) || bytes.IndexByte(r.table, 0) >= 0 {
-		return r, 0, storeErrShape
+		return r, 0, errStoreShape
 	}
 	if r.key, rest, ok = storeField(rest); !ok || len(r.key) == 0 || len(r.key) > storeMaxKey || !utf8.Valid(r.key) {
-		return r, 0, storeErrShape
+		return r, 0, errStoreShape
 	}
 	nmeta, k := binary.Uvarint(rest)
 	if k <= 0 || nmeta > uint64(len(rest)) {
-		return r, 0, storeErrShape
+		return r, 0, errStoreShape
 	}
 	rest = rest[k:]
 	meta := rest
 	for range 2 * nmeta { // keys and values
 		var f []byte
 		if f, rest, ok = storeField(rest); !ok || !utf8.Valid(f) {
-			return r, 0, storeErrShape
+			return r, 0, errStoreShape
 		}
 	}
 	r.nmeta = int(nmeta)
 	r.meta = meta[:len(meta)-len(rest)]
 	r.value = rest
 	if r.tomb && (len(r.value) > 0 || r.nmeta > 0 || r.expires != 0) {
-		return r, 0, storeErrShape
+		return r, 0, errStoreShape
 	}
 	crc := crc32.Update(crc32.Checksum(b[:4], storeCRC), storeCRC, body)
 	if crc != binary.LittleEndian.Uint32(b[4:]) {
-		return r, 0, storeErrCRC
+		return r, 0, errStoreCRC
 	}
 	return r, n, nil
 }

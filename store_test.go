@@ -422,3 +422,57 @@ func TestStoreIndex(t *testing.T) {
 	assertEqual(t, x.len(), 0)
 	assertEqual(t, len(x.chunks), 0)
 }
+
+func TestServiceStore(t *testing.T) {
+	checkGoroutines(t)
+	ctx := context.Background()
+	base := []ServiceOption{Name("svc"), HandleSignal(false)}
+
+	svc := NewService(append(base, Args())...)
+	assertNoError(t, svc.Init())
+	if _, ok := svc.Store().(*MemoryStore); !ok {
+		t.Fatalf("default store %T", svc.Store())
+	}
+	assertNoError(t, svc.Store().Write(ctx, &Record{Key: "k"}))
+	assertNoError(t, svc.Init()) // a second Init keeps the store and what it holds
+	_, err := svc.Store().Read(ctx, "k")
+	assertNoError(t, err)
+	own := svc.Store()
+	assertNoError(t, svc.Close())
+	if err := own.Write(ctx, &Record{Key: "k"}); !errors.Is(err, ErrClosed) {
+		t.Fatalf("the service's own store after Close: %v", err)
+	}
+
+	mine := NewMemoryStore()
+	defer mine.Close()
+	svc = NewService(append(base, Args(), WithStore(mine))...)
+	assertNoError(t, svc.Init())
+	assertEqual(t, svc.Store(), Store(mine))
+	assertNoError(t, svc.Close())
+	assertNoError(t, mine.Write(ctx, &Record{Key: "still open"}))
+
+	dir := t.TempDir()
+	svc = NewService(append(base, Args("-store", "file:"+dir), WithStore(mine))...)
+	assertNoError(t, svc.Init())
+	fs, ok := svc.Store().(*FileStore)
+	if !ok || fs.Dir() != dir {
+		t.Fatalf("-store file:%s gave %T", dir, svc.Store())
+	}
+	assertNoError(t, svc.Store().Write(ctx, &Record{Key: "durable", Value: []byte("yes")}))
+	assertNoError(t, svc.Close())
+	reopened := testOpenFile(t, dir) // the service released it
+	assertEqual(t, testReadValue(t, reopened, "durable"), "yes")
+	assertNoError(t, reopened.Close())
+
+	t.Setenv("MICRO_STORE", "file:"+dir)
+	svc = NewService(append(base, Args())...)
+	assertNoError(t, svc.Init())
+	assertEqual(t, testReadValue(t, svc.Store(), "durable"), "yes")
+	assertNoError(t, svc.Close())
+
+	svc = NewService(append(base, Args("-store", "redis:6379"))...)
+	if err := svc.Init(); err == nil || !strings.Contains(err.Error(), "file:DIR") {
+		t.Fatalf("unknown store: %v", err)
+	}
+	assertNoError(t, svc.Close())
+}
