@@ -83,6 +83,15 @@
 // refused the connection, or answered [CodeUnavailable]) is retried on
 // another node within the deadline and a retry budget; a call that may have
 // run, and an application error, never are.
+//
+// # Store
+//
+// A [Store] keeps records by key, in databases and tables, with prefix and
+// suffix reads, limit and offset, and TTLs. [MemoryStore] is the default
+// of a service ([Service.Store]); [FileStore] is an append-only log on disk
+// that survives kill -9 and power cuts, chosen with [WithStore] or
+// -store file:DIR; [RegisterStore] and [RemoteStore] share one store
+// between nodes over RPC.
 package micro
 
 import (
@@ -117,6 +126,8 @@ type Service struct {
 	client   *Client
 	registry Registry
 	ownsReg  bool // the registry was made here and is closed by Close
+	store    Store
+	storeOf  string // what made the store, if made here ("memory", "file:DIR")
 	ln       net.Listener
 	info     *ServiceInfo // as registered
 	running  bool
@@ -136,6 +147,8 @@ type serviceOptions struct {
 	metadata         map[string]string
 	registry         Registry
 	registryName     string
+	store            Store
+	storeName        string
 	registerTTL      time.Duration
 	registerInterval time.Duration
 	gracePeriod      time.Duration
@@ -189,6 +202,7 @@ func NewService(opts ...ServiceOption) *Service {
 	}
 	s.server = NewServer(append([]ServerOption{serverName(s.opts.name)}, s.opts.serverOpts...)...)
 	s.setRegistry()
+	s.setStore()
 	s.client = NewClient(append(s.opts.clientOpts, WithRegistry(s.registry))...)
 	return s
 }
@@ -215,8 +229,40 @@ func (s *Service) setRegistry() {
 	s.registry = NewMemoryRegistry()
 }
 
+// setStore makes the store the options ask for, unless the service has it
+// already: the WithStore store, or one of its own, which it closes when
+// replaced.
+func (s *Service) setStore() error {
+	name := s.opts.storeName
+	if name == "" {
+		name = "memory"
+	}
+	var st Store
+	switch dir, isFile := strings.CutPrefix(name, "file:"); {
+	case name == "memory" && s.opts.store != nil:
+		st, name = s.opts.store, ""
+	case name == s.storeOf:
+		return nil
+	case name == "memory":
+		st = NewMemoryStore()
+	case isFile && dir != "":
+		fs, err := NewFileStore(dir, StoreLogger(s.opts.logger))
+		if err != nil {
+			return err
+		}
+		st = fs
+	default:
+		return fmt.Errorf("micro: unknown store %q (have: memory, file:DIR)", name)
+	}
+	if s.storeOf != "" && s.store != st {
+		s.store.Close()
+	}
+	s.store, s.storeOf = st, name
+	return nil
+}
+
 // Init applies more options, then the environment (MICRO_NAME,
-// MICRO_VERSION, MICRO_ADDRESS, MICRO_ADVERTISE, MICRO_REGISTRY,
+// MICRO_VERSION, MICRO_ADDRESS, MICRO_ADVERTISE, MICRO_REGISTRY, MICRO_STORE,
 // MICRO_REGISTER_TTL, MICRO_REGISTER_INTERVAL, MICRO_METADATA as
 // "k=v,k=v"), then the command-line flags of the same names (-name,
 // -register_ttl, ...; -metadata k=v may repeat), each overriding the one
@@ -249,6 +295,7 @@ func (s *Service) Init(opts ...ServiceOption) error {
 		fs.StringVar(&o.address, "address", o.address, "address to listen on (host:port)")
 		fs.StringVar(&o.advertise, "advertise", o.advertise, "address to register (default: the bound address)")
 		fs.StringVar(&o.registryName, "registry", o.registryName, "registry: mdns (multicast DNS on the local link) or memory (this process only)")
+		fs.StringVar(&o.storeName, "store", o.storeName, "store: memory or file:DIR (default memory)")
 		fs.DurationVar(&o.registerTTL, "register_ttl", o.registerTTL, "registration TTL")
 		fs.DurationVar(&o.registerInterval, "register_interval", o.registerInterval, "re-registration interval")
 		fs.Var(metadata, "metadata", "service metadata key=value (repeatable)")
@@ -304,6 +351,9 @@ func (s *Service) Init(opts ...ServiceOption) error {
 	default:
 		return fmt.Errorf("micro: unknown registry %q (have: mdns, memory)", o.registryName)
 	}
+	if err := s.setStore(); err != nil {
+		return err
+	}
 	if o.name != prevName {
 		o.serverOpts = append(o.serverOpts, serverName(o.name))
 	}
@@ -331,7 +381,7 @@ func (o *serviceOptions) validate() error {
 // serviceFlagNames are the flags Init defines, each also read from the
 // environment as MICRO_NAME and so on.
 var serviceFlagNames = map[string]bool{
-	"name": true, "version": true, "address": true, "advertise": true, "registry": true,
+	"name": true, "version": true, "address": true, "advertise": true, "registry": true, "store": true,
 	"register_ttl": true, "register_interval": true, "metadata": true,
 }
 
@@ -385,6 +435,15 @@ func (s *Service) Registry() Registry {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.registry
+}
+
+// Store returns the service's store: the one given with [WithStore], or the
+// one -store chose, by default a [MemoryStore] of its own. The service
+// closes a store it made when it closes.
+func (s *Service) Store() Store {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.store
 }
 
 // Addr returns the address the service listens on (with the real port when
@@ -630,10 +689,14 @@ func (s *Service) Close() error {
 	}
 	s.closed = true
 	client, reg, owns := s.client, s.registry, s.ownsReg
+	store, ownsStore := s.store, s.storeOf != ""
 	s.mu.Unlock()
 	client.Close()
 	if c, ok := reg.(interface{ Close() error }); ok && owns {
 		c.Close()
+	}
+	if ownsStore {
+		err = errors.Join(err, store.Close())
 	}
 	return err
 }
@@ -766,6 +829,13 @@ func WithRegistry(r Registry) Option {
 		client:  func(o *clientOptions) { o.registry = r },
 		server:  func(*serverOptions) {},
 	}
+}
+
+// WithStore sets the service's store (default: a [MemoryStore] of its own;
+// the -store flag and MICRO_STORE, when given file:DIR, take precedence).
+// The caller keeps ownership: closing it is theirs.
+func WithStore(st Store) ServiceOption {
+	return rpcOption{service: func(o *serviceOptions) { o.store = st }}
 }
 
 // WithCodec adds a codec, or replaces the built-in one for its content type,

@@ -1,0 +1,478 @@
+package micro
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// testClock is a clock a test moves by hand.
+type testClock struct {
+	mu  sync.Mutex
+	now time.Time
+}
+
+func newTestClock() *testClock {
+	return &testClock{now: time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)}
+}
+
+func (c *testClock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.now
+}
+
+func (c *testClock) Add(d time.Duration) {
+	c.mu.Lock()
+	c.now = c.now.Add(d)
+	c.mu.Unlock()
+}
+
+// testStoreKind makes one kind of store for the shared tests.
+type testStoreKind struct {
+	name string
+	open func(t *testing.T, opts ...StoreOption) Store
+}
+
+// testStoreKinds are every store, each run through the same tests with the
+// same expectations.
+func testStoreKinds() []testStoreKind {
+	file := func(extra ...StoreOption) func(t *testing.T, opts ...StoreOption) Store {
+		return func(t *testing.T, opts ...StoreOption) Store {
+			t.Helper()
+			s, err := NewFileStore(t.TempDir(), append(extra, opts...)...)
+			assertNoError(t, err)
+			t.Cleanup(func() { s.Close() })
+			return s
+		}
+	}
+	return []testStoreKind{
+		{"memory", func(t *testing.T, opts ...StoreOption) Store {
+			s := NewMemoryStore(opts...)
+			t.Cleanup(func() { s.Close() })
+			return s
+		}},
+		{"file", file()},
+		{"file-group-commit", file(SyncGroupCommit())},
+		{"file-pread", file(storeOption{store: func(o *storeOptions) { o.noMmap = true }})},
+		{"remote", func(t *testing.T, opts ...StoreOption) Store {
+			t.Helper()
+			backing := NewMemoryStore(opts...)
+			svc := NewService(Name("store"), Address("127.0.0.1:0"), HandleSignal(false), Args())
+			assertNoError(t, RegisterStore(svc.Server(), backing))
+			assertNoError(t, svc.Start())
+			s := NewRemoteStore(svc.Client(), "store")
+			s.now = storeNewOptions(opts).now
+			t.Cleanup(func() {
+				s.Close()
+				svc.Close()
+				backing.Close()
+			})
+			return s
+		}},
+	}
+}
+
+func testStoreFill(t *testing.T, s Store, keys ...string) {
+	t.Helper()
+	for _, k := range keys {
+		assertNoError(t, s.Write(context.Background(), &Record{Key: k, Value: []byte("v:" + k)}))
+	}
+}
+
+func testRecordKeys(recs []*Record) string {
+	var keys []string
+	for _, r := range recs {
+		keys = append(keys, r.Key)
+	}
+	return strings.Join(keys, " ")
+}
+
+func TestStoreSelects(t *testing.T) {
+	checkGoroutines(t)
+	ctx := context.Background()
+	for _, kind := range testStoreKinds() {
+		t.Run(kind.name, func(t *testing.T) {
+			s := kind.open(t)
+			// Written out of order: every store must return key order.
+			testStoreFill(t, s, "c", "a/3", "b/2x", "a", "a/1", "b/1", "a/2")
+			assertNoError(t, s.Write(ctx, &Record{Key: "a/1", Value: []byte("other")}, WriteTo("other", "t")))
+
+			reads := []struct {
+				key  string
+				opts []ReadOption
+				want string // keys, or "!" for ErrNotFound
+			}{
+				{"a/2", nil, "a/2"},
+				{"a", nil, "a"},
+				{"nope", nil, "!"},
+				{"a/", nil, "!"},
+				{"a/", []ReadOption{ReadPrefix()}, "a/1 a/2 a/3"},
+				{"a", []ReadOption{ReadPrefix()}, "a a/1 a/2 a/3"},
+				{"", []ReadOption{ReadPrefix()}, "a a/1 a/2 a/3 b/1 b/2x c"},
+				{"a/", []ReadOption{ReadPrefix(), ReadLimit(2)}, "a/1 a/2"},
+				{"a/", []ReadOption{ReadPrefix(), ReadOffset(1)}, "a/2 a/3"},
+				{"a/", []ReadOption{ReadPrefix(), ReadOffset(1), ReadLimit(1)}, "a/2"},
+				{"a/", []ReadOption{ReadPrefix(), ReadOffset(3)}, ""},
+				{"a/", []ReadOption{ReadPrefix(), ReadOffset(-1), ReadLimit(-5)}, "a/1 a/2 a/3"},
+				{"1", []ReadOption{ReadSuffix()}, "a/1 b/1"},
+				{"x", []ReadOption{ReadSuffix()}, "b/2x"},
+				{"1", []ReadOption{ReadSuffix(), ReadOffset(1)}, "b/1"},
+				{"a", []ReadOption{ReadPrefix(), ReadSuffix()}, "a"},
+				{"zzz", []ReadOption{ReadPrefix()}, ""},
+				{"a/1", []ReadOption{ReadFrom("other", "t")}, "a/1"},
+				{"a/2", []ReadOption{ReadFrom("other", "t")}, "!"},
+				{"a/", []ReadOption{ReadPrefix(), ReadFrom("other", "t")}, "a/1"},
+				{"a/1", []ReadOption{ReadFrom("", "t2")}, "!"},
+				{"a/1", []ReadOption{ReadFrom("nodb", "")}, "!"},
+				{"a/1", []ReadOption{ReadFrom("nodb", ""), ReadPrefix()}, ""},
+				{"a/1", []ReadOption{ReadFrom(StoreDefaultDatabase, StoreDefaultTable)}, "a/1"},
+			}
+			for _, c := range reads {
+				recs, err := s.Read(ctx, c.key, c.opts...)
+				if c.want == "!" {
+					if !errors.Is(err, ErrNotFound) || CodeOf(err) != CodeNotFound {
+						t.Fatalf("Read(%q) = %v, %v; want ErrNotFound", c.key, testRecordKeys(recs), err)
+					}
+					continue
+				}
+				assertNoError(t, err)
+				if recs == nil {
+					t.Fatalf("Read(%q) returned a nil slice", c.key)
+				}
+				if got := testRecordKeys(recs); got != c.want {
+					t.Fatalf("Read(%q, %d options) = %q, want %q", c.key, len(c.opts), got, c.want)
+				}
+				for _, r := range recs {
+					want := "v:" + r.Key
+					if len(c.opts) > 0 && strings.Contains(fmt.Sprint(c.opts), "other") {
+						continue
+					}
+					if string(r.Value) != want && string(r.Value) != "other" {
+						t.Fatalf("value of %s = %q", r.Key, r.Value)
+					}
+				}
+			}
+			recs, err := s.Read(ctx, "a/1", ReadFrom("other", "t"))
+			assertNoError(t, err)
+			assertEqual(t, string(recs[0].Value), "other")
+
+			lists := []struct {
+				opts []ListOption
+				want string
+			}{
+				{nil, "a a/1 a/2 a/3 b/1 b/2x c"},
+				{[]ListOption{ListPrefix("b/")}, "b/1 b/2x"},
+				{[]ListOption{ListSuffix("1")}, "a/1 b/1"},
+				{[]ListOption{ListPrefix("a"), ListSuffix("3")}, "a/3"},
+				{[]ListOption{ListLimit(3)}, "a a/1 a/2"},
+				{[]ListOption{ListOffset(5)}, "b/2x c"},
+				{[]ListOption{ListOffset(7)}, ""},
+				{[]ListOption{ListPrefix("a"), ListOffset(2), ListLimit(2)}, "a/2 a/3"},
+				{[]ListOption{ListSuffix("1"), ListLimit(1)}, "a/1"},
+				{[]ListOption{ListFrom("other", "t")}, "a/1"},
+				{[]ListOption{ListFrom("nodb", "")}, ""},
+				{[]ListOption{ListFrom("", "nothing")}, ""},
+			}
+			for _, c := range lists {
+				keys, err := s.List(ctx, c.opts...)
+				assertNoError(t, err)
+				if keys == nil {
+					t.Fatal("List returned a nil slice")
+				}
+				if got := strings.Join(keys, " "); got != c.want {
+					t.Fatalf("List(%d options) = %q, want %q", len(c.opts), got, c.want)
+				}
+			}
+		})
+	}
+}
+
+func TestStoreWriteDeleteAndOwnership(t *testing.T) {
+	checkGoroutines(t)
+	ctx := context.Background()
+	for _, kind := range testStoreKinds() {
+		t.Run(kind.name, func(t *testing.T) {
+			s := kind.open(t)
+			val := []byte("hello")
+			md := map[string]string{"type": "greeting", "lang": "en"}
+			assertNoError(t, s.Write(ctx, &Record{Key: "k", Value: val, Metadata: md}))
+			val[0], md["type"] = 'J', "changed" // the store kept its own copy
+
+			recs, err := s.Read(ctx, "k")
+			assertNoError(t, err)
+			assertEqual(t, len(recs), 1)
+			r := recs[0]
+			assertEqual(t, r.Key, "k")
+			assertEqual(t, string(r.Value), "hello")
+			assertEqual(t, len(r.Metadata), 2)
+			assertEqual(t, r.Metadata["type"], "greeting")
+			assertEqual(t, r.Metadata["lang"], "en")
+			assertEqual(t, r.Expiry, time.Duration(0))
+			r.Value[0], r.Metadata["type"] = 'X', "mine" // the caller owns what it got
+			recs, err = s.Read(ctx, "k")
+			assertNoError(t, err)
+			assertEqual(t, string(recs[0].Value), "hello")
+			assertEqual(t, recs[0].Metadata["type"], "greeting")
+
+			// Overwrite, empty value, binary key and value.
+			assertNoError(t, s.Write(ctx, &Record{Key: "k", Value: nil}))
+			recs, err = s.Read(ctx, "k")
+			assertNoError(t, err)
+			assertEqual(t, len(recs[0].Value), 0)
+			assertEqual(t, len(recs[0].Metadata), 0)
+			bin := "\x00\x01/é"
+			assertNoError(t, s.Write(ctx, &Record{Key: bin, Value: []byte{0, 0xff, 0}}))
+			recs, err = s.Read(ctx, bin)
+			assertNoError(t, err)
+			assertEqual(t, string(recs[0].Value), "\x00\xff\x00")
+
+			// Delete, and delete again.
+			assertNoError(t, s.Delete(ctx, "k"))
+			_, err = s.Read(ctx, "k")
+			if !errors.Is(err, ErrNotFound) {
+				t.Fatalf("read after delete: %v", err)
+			}
+			assertNoError(t, s.Delete(ctx, "k"))
+			assertNoError(t, s.Delete(ctx, "never-written", DeleteFrom("nodb", "x")))
+			keys, err := s.List(ctx)
+			assertNoError(t, err)
+			assertEqual(t, strings.Join(keys, ","), bin)
+
+			// Bad input is invalid_argument.
+			assertCode(t, s.Write(ctx, &Record{Key: ""}), CodeInvalidArgument)
+			assertCode(t, s.Write(ctx, &Record{Key: strings.Repeat("k", storeMaxKey+1)}), CodeInvalidArgument)
+			assertCode(t, s.Write(ctx, &Record{Key: "k"}, WriteTo("../up", "")), CodeInvalidArgument)
+			assertCode(t, s.Write(ctx, &Record{Key: "k"}, WriteTo(".hidden", "")), CodeInvalidArgument)
+			assertCode(t, s.Write(ctx, &Record{Key: "k"}, WriteTo("", "a\x00b")), CodeInvalidArgument)
+			assertCode(t, s.Write(ctx, &Record{Key: "\xff"}), CodeInvalidArgument)
+			assertCode(t, s.Write(ctx, &Record{Key: "k", Metadata: map[string]string{"k": "\xff"}}), CodeInvalidArgument)
+			assertCode(t, s.Delete(ctx, ""), CodeInvalidArgument)
+			_, err = s.List(ctx, ListFrom("a/b", ""))
+			assertCode(t, err, CodeInvalidArgument)
+			_, err = s.Read(ctx, "k", ReadFrom("a b", ""))
+			assertCode(t, err, CodeInvalidArgument)
+
+			// Many keys in many tables, then closed.
+			for i := range 2000 {
+				assertNoError(t, s.Write(ctx, &Record{Key: fmt.Sprintf("n%05d", i), Value: []byte{byte(i)}}, WriteTo("many", fmt.Sprint(i%3))))
+			}
+			for i := range 3 {
+				keys, err := s.List(ctx, ListFrom("many", fmt.Sprint(i)), ListPrefix("n00"))
+				assertNoError(t, err)
+				want := 0
+				for j := i; j < 1000; j += 3 {
+					want++
+				}
+				assertEqual(t, len(keys), want)
+				if !slices.IsSorted(keys) {
+					t.Fatal("keys not in order")
+				}
+			}
+			assertNoError(t, s.Close())
+			assertNoError(t, s.Close())
+			if _, err := s.Read(ctx, "n00001"); !errors.Is(err, ErrClosed) && CodeOf(err) != CodeUnavailable {
+				t.Fatalf("read after close: %v", err)
+			}
+			if err := s.Write(ctx, &Record{Key: "x"}); !errors.Is(err, ErrClosed) {
+				t.Fatalf("write after close: %v", err)
+			}
+		})
+	}
+}
+
+func TestStoreTTL(t *testing.T) {
+	checkGoroutines(t)
+	ctx := context.Background()
+	for _, kind := range testStoreKinds() {
+		t.Run(kind.name, func(t *testing.T) {
+			clock := newTestClock()
+			s := kind.open(t, storeClock(clock.Now))
+			assertNoError(t, s.Write(ctx, &Record{Key: "t1", Value: []byte("1")}, WriteTTL(10*time.Second)))
+			assertNoError(t, s.Write(ctx, &Record{Key: "t2", Value: []byte("2"), Expiry: 20 * time.Second}))
+			assertNoError(t, s.Write(ctx, &Record{Key: "t3", Value: []byte("3")}))
+			assertNoError(t, s.Write(ctx, &Record{Key: "t4", Value: []byte("4"), Expiry: time.Second}, WriteExpiry(time.Time{})))
+			assertNoError(t, s.Write(ctx, &Record{Key: "t5", Value: []byte("5")}, WriteTTL(0)))
+			assertNoError(t, s.Write(ctx, &Record{Key: "t3", Value: []byte("gone")}, WriteTTL(-time.Second)))
+			expiry := func(key string) time.Duration {
+				t.Helper()
+				recs, err := s.Read(ctx, key)
+				assertNoError(t, err)
+				return recs[0].Expiry
+			}
+			gone := func(key string) {
+				t.Helper()
+				if _, err := s.Read(ctx, key); !errors.Is(err, ErrNotFound) {
+					t.Fatalf("%s: %v, want ErrNotFound", key, err)
+				}
+			}
+			list := func() string {
+				t.Helper()
+				keys, err := s.List(ctx)
+				assertNoError(t, err)
+				recs, err := s.Read(ctx, "t", ReadPrefix())
+				assertNoError(t, err)
+				assertEqual(t, testRecordKeys(recs), strings.Join(keys, " "))
+				return strings.Join(keys, " ")
+			}
+			assertEqual(t, expiry("t1"), 10*time.Second)
+			assertEqual(t, expiry("t2"), 20*time.Second)
+			assertEqual(t, expiry("t4"), time.Duration(0))
+			gone("t5") // a TTL of 0 has already run out
+			gone("t3") // and hides what was there
+			assertEqual(t, list(), "t1 t2 t4")
+
+			clock.Add(6 * time.Second)
+			assertEqual(t, expiry("t1"), 4*time.Second)
+			clock.Add(4 * time.Second)
+			gone("t1") // expired at exactly 10s
+			assertEqual(t, list(), "t2 t4")
+			assertNoError(t, s.Write(ctx, &Record{Key: "t1", Value: []byte("again")}))
+			assertEqual(t, list(), "t1 t2 t4")
+			assertNoError(t, s.Write(ctx, &Record{Key: "t6"}, WriteExpiry(clock.Now().Add(time.Minute))))
+			clock.Add(10 * time.Second)
+			gone("t2")
+			assertEqual(t, list(), "t1 t4 t6")
+			clock.Add(time.Hour)
+			assertEqual(t, list(), "t1 t4")
+		})
+	}
+}
+
+// TestStoreExpiryPurge checks that expired records are freed, not only
+// hidden, and that rewriting a key with a TTL over and over does not grow
+// the expiry heap without bound.
+func TestStoreExpiryPurge(t *testing.T) {
+	ctx := context.Background()
+	clock := newTestClock()
+	s := NewMemoryStore(storeClock(clock.Now))
+	defer s.Close()
+	for i := range 100 {
+		assertNoError(t, s.Write(ctx, &Record{Key: fmt.Sprint(i)}, WriteTTL(time.Second)))
+	}
+	clock.Add(2 * time.Second)
+	assertNoError(t, s.Write(ctx, &Record{Key: "x"}))
+	assertEqual(t, s.tables[storeNS{StoreDefaultDatabase, StoreDefaultTable}].len(), 1)
+	for range 10000 {
+		assertNoError(t, s.Write(ctx, &Record{Key: "y"}, WriteTTL(time.Hour)))
+	}
+	if n := len(s.expiry.items); n > 2100 {
+		t.Fatalf("the expiry heap holds %d entries for one key", n)
+	}
+}
+
+func TestStoreIndex(t *testing.T) {
+	var x storeIndex[int]
+	ref := map[string]int{}
+	rng := rand.New(rand.NewPCG(1, 2))
+	for i := range 50000 {
+		k := fmt.Sprintf("%05d", rng.IntN(8000))
+		switch rng.IntN(3) {
+		case 0, 1:
+			old, had := x.set(k, i)
+			o, h := ref[k]
+			if had != h || old != o {
+				t.Fatalf("set %s: got %d %v, want %d %v", k, old, had, o, h)
+			}
+			ref[k] = i
+		case 2:
+			old, had := x.delete(k)
+			o, h := ref[k]
+			if had != h || old != o {
+				t.Fatalf("delete %s: got %d %v, want %d %v", k, old, had, o, h)
+			}
+			delete(ref, k)
+		}
+		if i%5000 == 0 || i == 49999 {
+			assertEqual(t, x.len(), len(ref))
+			var keys []string
+			x.ascend("", func(k string, v int) bool {
+				if ref[k] != v {
+					t.Fatalf("%s = %d, want %d", k, v, ref[k])
+				}
+				keys = append(keys, k)
+				return true
+			})
+			if len(keys) != len(ref) || !slices.IsSorted(keys) {
+				t.Fatalf("walk gave %d keys (sorted %v), want %d", len(keys), slices.IsSorted(keys), len(ref))
+			}
+			from := fmt.Sprintf("%05d", rng.IntN(8000))
+			var first string
+			x.ascend(from, func(k string, v int) bool { first = k; return false })
+			i, _ := slices.BinarySearch(keys, from)
+			if i < len(keys) && first != keys[i] || i == len(keys) && first != "" {
+				t.Fatalf("ascend from %s started at %q", from, first)
+			}
+			for _, c := range x.chunks {
+				if len(c.keys) == 0 || len(c.keys) > storeChunkMax {
+					t.Fatalf("chunk of %d keys", len(c.keys))
+				}
+			}
+		}
+	}
+	for k := range ref {
+		x.delete(k)
+	}
+	assertEqual(t, x.len(), 0)
+	assertEqual(t, len(x.chunks), 0)
+}
+
+func TestServiceStore(t *testing.T) {
+	checkGoroutines(t)
+	ctx := context.Background()
+	base := []ServiceOption{Name("svc"), HandleSignal(false)}
+
+	svc := NewService(append(base, Args())...)
+	assertNoError(t, svc.Init())
+	if _, ok := svc.Store().(*MemoryStore); !ok {
+		t.Fatalf("default store %T", svc.Store())
+	}
+	assertNoError(t, svc.Store().Write(ctx, &Record{Key: "k"}))
+	assertNoError(t, svc.Init()) // a second Init keeps the store and what it holds
+	_, err := svc.Store().Read(ctx, "k")
+	assertNoError(t, err)
+	own := svc.Store()
+	assertNoError(t, svc.Close())
+	if err := own.Write(ctx, &Record{Key: "k"}); !errors.Is(err, ErrClosed) {
+		t.Fatalf("the service's own store after Close: %v", err)
+	}
+
+	mine := NewMemoryStore()
+	defer mine.Close()
+	svc = NewService(append(base, Args(), WithStore(mine))...)
+	assertNoError(t, svc.Init())
+	assertEqual(t, svc.Store(), Store(mine))
+	assertNoError(t, svc.Close())
+	assertNoError(t, mine.Write(ctx, &Record{Key: "still open"}))
+
+	dir := t.TempDir()
+	svc = NewService(append(base, Args("-store", "file:"+dir), WithStore(mine))...)
+	assertNoError(t, svc.Init())
+	fs, ok := svc.Store().(*FileStore)
+	if !ok || fs.Dir() != dir {
+		t.Fatalf("-store file:%s gave %T", dir, svc.Store())
+	}
+	assertNoError(t, svc.Store().Write(ctx, &Record{Key: "durable", Value: []byte("yes")}))
+	assertNoError(t, svc.Close())
+	reopened := testOpenFile(t, dir) // the service released it
+	assertEqual(t, testReadValue(t, reopened, "durable"), "yes")
+	assertNoError(t, reopened.Close())
+
+	t.Setenv("MICRO_STORE", "file:"+dir)
+	svc = NewService(append(base, Args())...)
+	assertNoError(t, svc.Init())
+	assertEqual(t, testReadValue(t, svc.Store(), "durable"), "yes")
+	assertNoError(t, svc.Close())
+
+	svc = NewService(append(base, Args("-store", "redis:6379"))...)
+	if err := svc.Init(); err == nil || !strings.Contains(err.Error(), "file:DIR") {
+		t.Fatalf("unknown store: %v", err)
+	}
+	assertNoError(t, svc.Close())
+}
