@@ -117,6 +117,10 @@ type Service struct {
 	ownsReg  bool // the registry was made here and is closed by Close
 	ln       net.Listener
 	info     *ServiceInfo // as registered
+	infoVer  uint64       // bumped when info changes while running
+	regMu    sync.Mutex   // orders a re-announcement before Stop's deregistration
+	broker   Broker
+	ownsBrk  bool // the broker was made here and is closed by Close
 	running  bool
 	closed   bool          // by Close: no more Start
 	stopped  chan struct{} // closed by Stop, ends Run
@@ -149,6 +153,9 @@ type serviceOptions struct {
 
 	serverOpts []ServerOption
 	clientOpts []ClientOption
+
+	broker     Broker         // WithBroker; nil: the service's own HTTP broker
+	brokerOpts []BrokerOption // for the service's own broker
 }
 
 // ServiceOption configures a [Service]. Server and client options are service
@@ -186,7 +193,25 @@ func NewService(opts ...ServiceOption) *Service {
 	s.server = NewServer(append([]ServerOption{serverName(s.opts.name)}, s.opts.serverOpts...)...)
 	s.setRegistry()
 	s.client = NewClient(append(s.opts.clientOpts, WithRegistry(s.registry))...)
+	s.setBroker()
 	return s
+}
+
+// setBroker gives the server and client the broker of WithBroker, or the
+// service's own HTTP broker (see broker_http.go), whose subscriptions the
+// service announces in its registration.
+func (s *Service) setBroker() {
+	if s.ownsBrk {
+		s.broker.Close()
+	}
+	s.broker, s.ownsBrk = s.opts.broker, false
+	if s.broker == nil {
+		b := newBrokerHTTP(s.server, s.client, s.opts.brokerOpts...)
+		b.announce = s.reannounce
+		s.broker, s.ownsBrk = b, true
+	}
+	s.server.opts.broker = s.broker
+	s.client.opts.broker = s.broker
 }
 
 func (s *Service) setRegistry() {
@@ -218,6 +243,7 @@ func (s *Service) Init(opts ...ServiceOption) error {
 	}
 	prevName := s.opts.name
 	prevRegistry := s.opts.registry
+	prevBroker, prevBrokerOpts := s.opts.broker, len(s.opts.brokerOpts)
 	o := &s.opts
 	o.serverOpts, o.clientOpts = nil, nil
 	for _, opt := range opts {
@@ -302,6 +328,9 @@ func (s *Service) Init(opts ...ServiceOption) error {
 	if len(clientOpts) > 0 {
 		s.client.apply(clientOpts)
 	}
+	if o.broker != prevBroker || len(o.brokerOpts) != prevBrokerOpts {
+		s.setBroker()
+	}
 	return nil
 }
 
@@ -364,6 +393,14 @@ func (s *Service) Client() *Client {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.client
+}
+
+// Broker returns the service's broker: the one given with [WithBroker], or
+// the service's own HTTP broker, which [Service.Close] closes.
+func (s *Service) Broker() Broker {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.broker
 }
 
 // Registry returns the service's registry.
@@ -461,7 +498,7 @@ func (s *Service) start() error {
 		Version:   s.opts.version,
 		Metadata:  maps.Clone(s.opts.metadata),
 		Endpoints: s.server.Endpoints(),
-		Nodes:     []*Node{{ID: s.opts.name + "-" + hex.EncodeToString(id), Address: addr, Metadata: maps.Clone(s.opts.metadata)}},
+		Nodes:     []*Node{{ID: s.opts.name + "-" + hex.EncodeToString(id), Address: addr, Metadata: s.nodeMetadata()}},
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	s.cancel = cancel
@@ -473,7 +510,7 @@ func (s *Service) start() error {
 	// Register once now, outside the lock, so the service can be found when
 	// Start returns; the loop retries a failure and refreshes the TTL.
 	rctx, rcancel := context.WithTimeout(ctx, 5*time.Second)
-	err = reg.Register(rctx, info, ttl)
+	err = s.registerInfo(rctx, reg, ttl)
 	rcancel()
 	if err != nil {
 		logger.Warn("micro: register failed; retrying", "service", info.Name, "err", err)
@@ -481,6 +518,65 @@ func (s *Service) start() error {
 	s.regWG.Add(1)
 	go s.registerLoop(ctx, reg, info, err == nil)
 	return nil
+}
+
+// nodeMetadata is the node's metadata: the service's, and the subscriptions
+// of its own HTTP broker. The caller holds s.mu.
+func (s *Service) nodeMetadata() map[string]string {
+	md := maps.Clone(s.opts.metadata)
+	if b, ok := s.broker.(*brokerHTTP); ok && b.server == s.server {
+		if bm := b.metadata(); len(bm) > 0 {
+			if md == nil {
+				md = map[string]string{}
+			}
+			maps.Copy(md, bm)
+		}
+	}
+	return md
+}
+
+// registerInfo registers the current record, and again if it changed
+// meanwhile, so that the last registration to finish is of the latest one.
+func (s *Service) registerInfo(ctx context.Context, reg Registry, ttl time.Duration) error {
+	for {
+		s.mu.Lock()
+		info, ver := s.info.Clone(), s.infoVer
+		s.mu.Unlock()
+		if err := reg.Register(ctx, info, ttl); err != nil {
+			return err
+		}
+		s.mu.Lock()
+		same := s.infoVer == ver
+		s.mu.Unlock()
+		if same {
+			return nil
+		}
+	}
+}
+
+// reannounce re-registers a running service after its broker's
+// subscriptions changed, so publishers see the change. A failure is left to
+// the register loop's next refresh.
+func (s *Service) reannounce() {
+	s.regMu.Lock() // Stop deregisters only after this registration
+	defer s.regMu.Unlock()
+	s.mu.Lock()
+	if !s.running || s.info == nil {
+		s.mu.Unlock()
+		return
+	}
+	info := s.info.Clone()
+	info.Endpoints = s.server.Endpoints()
+	info.Nodes[0].Metadata = s.nodeMetadata()
+	s.info = info
+	s.infoVer++
+	reg, ttl, logger, ctx := s.registry, s.opts.registerTTL, s.opts.logger, context.Background()
+	s.mu.Unlock()
+	rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if err := s.registerInfo(rctx, reg, ttl); err != nil {
+		logger.Warn("micro: re-registering after a subscription change failed; the register loop retries", "service", info.Name, "err", err)
+	}
 }
 
 // registerLoop refreshes the registration every interval, and retries a
@@ -504,7 +600,7 @@ func (s *Service) registerLoop(ctx context.Context, reg Registry, info *ServiceI
 		case <-t.C:
 		}
 		rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		err := reg.Register(rctx, info, s.opts.registerTTL)
+		err := s.registerInfo(rctx, reg, s.opts.registerTTL)
 		cancel()
 		if err == nil {
 			backoff = 100 * time.Millisecond
@@ -575,11 +671,16 @@ func (s *Service) stop() error {
 
 	var errs []error
 	server.draining.Store(true)
+	s.regMu.Lock() // after a re-announcement in flight
+	s.mu.Lock()
+	info = s.info
+	s.mu.Unlock()
 	dctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	if err := reg.Deregister(dctx, info); err != nil {
 		errs = append(errs, fmt.Errorf("micro: deregister: %w", err))
 	}
 	cancel()
+	s.regMu.Unlock()
 	sctx, cancel := context.WithTimeout(context.Background(), grace)
 	if err := server.Shutdown(sctx); err != nil {
 		errs = append(errs, fmt.Errorf("micro: calls still running after the %s grace period were cut", grace))
@@ -610,7 +711,11 @@ func (s *Service) Close() error {
 	}
 	s.closed = true
 	client, reg, owns := s.client, s.registry, s.ownsReg
+	broker, ownsBrk := s.broker, s.ownsBrk
 	s.mu.Unlock()
+	if ownsBrk {
+		broker.Close() // before the client it publishes with
+	}
 	client.Close()
 	if c, ok := reg.(interface{ Close() error }); ok && owns {
 		c.Close()
