@@ -30,8 +30,8 @@ import (
 // and to one member of each queue group (picked by the client's
 // [Balancer]; on failure, another member).
 //
-// Deliveries to one node that queue up while up to four requests to it are
-// in flight are gathered into one request (up to 512 messages or 256 KiB),
+// Deliveries to one node that queue up while two requests to it are in
+// flight are gathered into one request (up to 512 messages or 256 KiB),
 // and each message is acknowledged on its own in the reply.
 //
 // The envelope of a request (content type application/octet-stream; str is
@@ -55,7 +55,7 @@ const (
 	brokerEndpoint       = "micro.Broker.Deliver"
 	brokerMetaKey        = "broker.topics"
 	brokerMetaValueMax   = 200
-	brokerSendersPerNode = 4
+	brokerSendersPerNode = 2
 	brokerBatchItems     = 512
 	brokerBatchBytes     = 256 << 10
 	brokerVersion        = 0x01
@@ -186,7 +186,8 @@ type brokerItem struct {
 // brokerNodeQueue is the deliveries waiting for one node.
 type brokerNodeQueue struct {
 	addr    string
-	opt     CallOption
+	nodes   []*Node    // just this one, for the client
+	opt     CallOption // to it, no retries
 	items   []*brokerItem
 	senders int
 }
@@ -372,9 +373,8 @@ func (b *brokerHTTP) enqueue(addr string, it *brokerItem) {
 	}
 	q := b.nodes[addr]
 	if q == nil {
-		q = &brokerNodeQueue{addr: addr, opt: rpcOption{call: func(o *callOptions) {
-			o.nodes, o.retries = []*Node{{ID: addr, Address: addr}}, 0
-		}}}
+		q = &brokerNodeQueue{addr: addr, nodes: []*Node{{ID: addr, Address: addr}}}
+		q.opt = rpcOption{call: func(o *callOptions) { o.nodes, o.retries = q.nodes, 0 }}
 		b.nodes[addr] = q
 	}
 	q.items = append(q.items, it)
@@ -437,15 +437,18 @@ func (b *brokerHTTP) sendBatch(q *brokerNodeQueue, batch []*brokerItem, buf []by
 		buf = binary.AppendUvarint(buf, uint64(len(it.payload)))
 		buf = append(buf, it.payload...)
 	}
-	ctx, cancel := b.ctx, context.CancelFunc(nil)
+	// The batch's deadline is its latest publisher's, given as a timeout
+	// (which the client's fast path keeps aside, with no timer) rather
+	// than a context with a deadline.
+	opt := q.opt
 	if !deadline.IsZero() {
-		ctx, cancel = context.WithDeadline(ctx, deadline)
+		timeout := max(time.Until(deadline), time.Millisecond)
+		opt = rpcOption{call: func(o *callOptions) {
+			o.nodes, o.retries, o.timeout = q.nodes, 0, timeout
+		}}
 	}
 	var rsp []byte
-	err := b.client.call(ctx, &Request{Endpoint: brokerEndpoint, ContentType: ContentTypeBytes, Body: buf}, &rsp, q.opt)
-	if cancel != nil {
-		cancel()
-	}
+	err := b.client.call(b.ctx, &Request{Endpoint: brokerEndpoint, ContentType: ContentTypeBytes, Body: buf}, &rsp, opt)
 	var results []brokerResult
 	if err == nil {
 		results, err = brokerParseReply(rsp, len(batch))
@@ -591,7 +594,8 @@ func (r *brokerReader) bytes(what string) []byte {
 	return v
 }
 
-// brokerParseBatch decodes a delivery request. Bodies alias req.
+// brokerParseBatch decodes a delivery request. Bodies alias req; an item's
+// topic, queue and headers share one string.
 func brokerParseBatch(req []byte) ([]brokerDelivery, error) {
 	if len(req) == 0 || req[0] != brokerVersion {
 		return nil, Errorf(CodeInvalidArgument, "micro: malformed delivery: unknown envelope version")
@@ -602,35 +606,46 @@ func brokerParseBatch(req []byte) ([]brokerDelivery, error) {
 		return nil, Errorf(CodeInvalidArgument, "micro: malformed delivery: count %d exceeds the body", count)
 	}
 	items := make([]brokerDelivery, 0, count)
+	var spans []int // offsets into the payload: topic, then each header's key and value
 	for i := uint64(0); i < count && r.bad == ""; i++ {
-		var d brokerDelivery
-		d.queue = string(r.bytes("queue"))
-		p := brokerReader{b: r.bytes("payload")}
+		queue := r.bytes("queue")
+		payload := r.bytes("payload")
 		if r.bad != "" {
 			break
 		}
-		d.topic = string(p.bytes("topic"))
+		p := brokerReader{b: payload}
+		spans = spans[:0]
+		span := func(what string) {
+			v := p.bytes(what)
+			if p.bad == "" {
+				end := len(payload) - len(p.b)
+				spans = append(spans, end-len(v), end)
+			}
+		}
+		span("topic")
 		nh := p.uvarint("header count")
 		if p.bad == "" && nh > uint64(len(p.b))/2 {
 			p.bad = "header count exceeds the payload"
 		}
-		if p.bad == "" && nh > 0 {
-			d.msg.Header = make(MD, nh)
-		}
 		for j := uint64(0); j < nh && p.bad == ""; j++ {
-			k := p.bytes("header name")
-			v := p.bytes("header value")
-			if p.bad == "" {
-				d.msg.Header[string(k)] = string(v)
-			}
+			span("header name")
+			span("header value")
 		}
 		if p.bad != "" {
 			r.bad = p.bad
 			break
 		}
+		head := string(payload[:len(payload)-len(p.b)]) // one allocation for every name
+		d := brokerDelivery{topic: head[spans[0]:spans[1]], queue: string(queue)}
 		if !brokerValidName(d.topic, brokerMaxTopic) || (d.queue != "" && !brokerValidName(d.queue, brokerMaxQueue)) {
 			r.bad = "bad topic or queue name"
 			break
+		}
+		if nh > 0 {
+			d.msg.Header = make(MD, nh)
+			for k := 2; k < len(spans); k += 4 {
+				d.msg.Header[head[spans[k]:spans[k+1]]] = head[spans[k+2]:spans[k+3]]
+			}
 		}
 		d.msg.Body = p.b
 		items = append(items, d)

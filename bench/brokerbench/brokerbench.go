@@ -152,8 +152,9 @@ func openMemory(shape string) (*session, error) {
 			return nil, err
 		}
 	}
+	header := micro.MD{"Content-Type": micro.ContentTypeBytes} // the broker does not keep or change it
 	s.publish = func(ctx context.Context, body []byte) error {
-		return b.Publish(ctx, topic, &micro.Message{Header: micro.MD{"Content-Type": micro.ContentTypeBytes}, Body: body})
+		return b.Publish(ctx, topic, &micro.Message{Header: header, Body: body})
 	}
 	s.close = func() { b.Close() }
 	return s, nil
@@ -304,6 +305,10 @@ func measure(ctx context.Context, name, shape string, payload, inflight int, war
 	if s.publish == nil {
 		return measureFire(ctx, s, payload, warmup, duration)
 	}
+	// One deadline for the whole run bounds a publish that hangs, without a
+	// timer per publish in what is measured.
+	ctx, cancel := context.WithTimeout(ctx, warmup+duration+30*time.Second)
+	defer cancel()
 	var (
 		measuring atomic.Bool
 		stop      atomic.Bool
@@ -320,11 +325,9 @@ func measure(ctx context.Context, name, shape string, payload, inflight int, war
 			body := make([]byte, payload)
 			var mine []time.Duration
 			for i := 0; !stop.Load() && ctx.Err() == nil; i++ {
-				pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 				t0 := time.Now()
-				err := s.publish(pctx, body)
+				err := s.publish(ctx, body)
 				d := time.Since(t0)
-				cancel()
 				if !measuring.Load() {
 					continue
 				}

@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 	"syscall"
@@ -31,6 +32,7 @@ func main() {
 		rounds   = flag.Int("rounds", 3, "rounds; each cell's median is reported")
 		out      = flag.String("out", "", "also write the table to this file")
 		list     = flag.Bool("list", false, "list the implementations and exit")
+		cpuprof  = flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
 	)
 	flag.Parse()
 	if *list {
@@ -54,10 +56,22 @@ func main() {
 	if cfg.InFlight, err = ints(*inflight); err != nil {
 		fail(err)
 	}
+	if *cpuprof != "" {
+		f, err := os.Create(*cpuprof)
+		if err != nil {
+			fail(err)
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			fail(err)
+		}
+		defer pprof.StopCPUProfile()
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	results, err := brokerbench.Run(ctx, cfg)
 	if err != nil {
+		pprof.StopCPUProfile()
 		fail(err)
 	}
 	table := brokerbench.Markdown(results)
