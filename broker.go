@@ -28,7 +28,11 @@ import (
 // twice when an acknowledgement was lost (the connection broke after its
 // handler ran, or its node died before answering) and the message was sent
 // again, to it or to another member of its queue group. Each message carries
-// an ID ([HeaderID]) so that handlers can drop repeats.
+// an ID ([HeaderID]) so that handlers can drop repeats. A subscriber that has
+// unsubscribed by the time a delivery reaches it is skipped, not failed; a
+// subscriber whose node the client's balancer has ejected (it kept failing:
+// dead but still registered) is tried once per publish rather than until the
+// deadline.
 //
 // [NewMemoryBroker] serves one process. A [Service] uses the HTTP broker
 // unless [WithBroker] says otherwise: deliveries travel point to point, as

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"maps"
 	"slices"
 	"strconv"
@@ -317,6 +318,12 @@ func (b *brokerHTTP) publish(ctx context.Context, topic string, msg *Message, o 
 					finish(r.i, r.err)
 					continue
 				}
+				if targets[r.i].queue == "" && CodeOf(r.err) == CodeUnavailable && b.ejected(r.node) {
+					// A node that keeps failing (dead, but still registered)
+					// is tried once per publish, not until the deadline.
+					finish(r.i, fmt.Errorf("%w (node ejected after repeated failures; not retried)", r.err))
+					continue
+				}
 				s.tried = append(s.tried, r.node)
 				if t := targets[r.i]; t.queue != "" && slices.ContainsFunc(t.nodes, func(n *Node) bool {
 					return !slices.Contains(s.tried, n.Address) && !slices.Contains(s.gone, n.Address)
@@ -358,6 +365,19 @@ func (b *brokerHTTP) publish(ctx context.Context, topic string, msg *Message, o 
 		return &PublishError{Topic: topic, ID: msg.Header.Get(HeaderID), Failures: failures}
 	}
 	return nil
+}
+
+// ejected reports whether the client's balancer has ejected the node for
+// failing repeatedly (only the built-in NodeBalancer says).
+func (b *brokerHTTP) ejected(addr string) bool {
+	nb, ok := b.client.opts.balancer.(*NodeBalancer)
+	if !ok {
+		return false
+	}
+	nb.mu.Lock()
+	defer nb.mu.Unlock()
+	st := nb.nodes[addr]
+	return st != nil && nb.now().Before(st.until)
 }
 
 var brokerClosedError = &Error{Code: CodeCanceled, Message: "micro: broker closed", cause: ErrClosed}

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
 	"slices"
 	"strings"
@@ -758,4 +759,51 @@ func TestBrokerAsyncAndClose(t *testing.T) {
 	if err := pub.Broker().Publish(ctx, "user.created", &Message{}); !errors.Is(err, ErrClosed) {
 		t.Fatalf("publish after Close: %v", err)
 	}
+}
+
+// TestBrokerHTTPDeadPlainSubscriber: a subscriber that crashed but is still
+// registered fails each publish (it is reported, not dropped) without
+// holding the publisher to its deadline once the balancer has ejected it;
+// the live subscriber gets every message.
+func TestBrokerHTTPDeadPlainSubscriber(t *testing.T) {
+	checkGoroutines(t)
+	reg := newBrokerTestRegistry(t)
+	live := &brokerRecorder{}
+	newSubscriberService(t, reg, "live", "user.created", live.raw, nil)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	assertNoError(t, err)
+	dead := ln.Addr().String()
+	ln.Close()
+	assertNoError(t, reg.Register(context.Background(), &ServiceInfo{Name: "crashed", Nodes: []*Node{
+		{ID: "crashed-1", Address: dead, Metadata: map[string]string{brokerMetaKey: "user.created"}},
+	}}, time.Minute))
+	pub := newTestService(t, "publisher", nil, WithRegistry(reg))
+	for i := 0; i < 3; i++ {
+		var delivered int
+		err := pub.Client().Publish(context.Background(), "user.created", &UserCreated{ID: i}, Delivered(&delivered))
+		var pe *PublishError
+		if !errors.As(err, &pe) || len(pe.Failures) != 1 || pe.Failures[0].Node != dead {
+			t.Fatalf("publish %d: %v, want a failure of %s", i, err, dead)
+		}
+		assertCode(t, pe.Failures[0].Err, CodeUnavailable)
+		assertEqual(t, delivered, 1)
+	}
+	assertEqual(t, live.count(), 3)
+}
+
+// TestBrokerInitKeepsSubscriptions: broker options given to Init after
+// subscribing reconfigure the service's broker rather than replace it.
+func TestBrokerInitKeepsSubscriptions(t *testing.T) {
+	checkGoroutines(t)
+	reg := newBrokerTestRegistry(t)
+	svc := NewService(Name("late-init"), Address("127.0.0.1:0"), HandleSignal(false), Args(), WithRegistry(reg))
+	t.Cleanup(func() { svc.Close() })
+	rec := &brokerRecorder{}
+	_, err := RegisterSubscriber("user.created", svc.Server(), rec.raw)
+	assertNoError(t, err)
+	assertNoError(t, svc.Init(MaxMessageSize(512)))
+	assertNoError(t, svc.Start())
+	assertNoError(t, svc.Client().Publish(context.Background(), "user.created", &UserCreated{ID: 1}))
+	assertEqual(t, rec.count(), 1)
+	assertCode(t, svc.Client().Publish(context.Background(), "user.created", &Message{Body: make([]byte, 1000)}), CodeResourceExhausted)
 }

@@ -66,6 +66,24 @@
 // protocol over cleartext HTTP/2 on the same port, with HTTP/2's flow
 // control between a writer and its reader.
 //
+// # Pub/sub
+//
+// [Client.Publish] sends an event on a topic and [RegisterSubscriber]
+// handles one:
+//
+//	micro.RegisterSubscriber("user.created", svc.Server(), func(ctx context.Context, ev *User) error { ... })
+//	err := svc.Client().Publish(ctx, "user.created", &User{ID: 7})
+//
+// Publish returns when every subscriber has acknowledged (its handler
+// returned nil) or failed; a failing or unreachable subscriber is retried
+// with back-off within the deadline, and what still fails is reported in a
+// [*PublishError]. [Queue] makes subscribers share a topic's messages, each
+// going to one member of the group. Delivery is at least once: a lost
+// acknowledgement means the message is sent again, and [HeaderID] lets a
+// handler drop the repeat. A Service's default [Broker] delivers over HTTP
+// to subscribers announced in the registry; [NewMemoryBroker] serves one
+// process.
+//
 // # Codecs
 //
 // JSON (the default), proto (through the messages' own Marshal methods), gob,
@@ -201,14 +219,24 @@ func NewService(opts ...ServiceOption) *Service {
 // service's own HTTP broker (see broker_http.go), whose subscriptions the
 // service announces in its registration.
 func (s *Service) setBroker() {
-	if s.ownsBrk {
-		s.broker.Close()
-	}
-	s.broker, s.ownsBrk = s.opts.broker, false
-	if s.broker == nil {
+	own, _ := s.broker.(*brokerHTTP)
+	switch {
+	case s.opts.broker == nil && own != nil && s.ownsBrk:
+		// Init with new broker options: the same broker (it holds the
+		// subscriptions and the server's delivery endpoint), reconfigured.
+		own.opts = brokerDefaults()
+		for _, o := range s.opts.brokerOpts {
+			o.applyBroker(&own.opts)
+		}
+	case s.opts.broker == nil:
 		b := newBrokerHTTP(s.server, s.client, s.opts.brokerOpts...)
 		b.announce = s.reannounce
 		s.broker, s.ownsBrk = b, true
+	default:
+		if s.ownsBrk {
+			s.broker.Close()
+		}
+		s.broker, s.ownsBrk = s.opts.broker, false
 	}
 	s.server.opts.broker = s.broker
 	s.client.opts.broker = s.broker
