@@ -693,7 +693,7 @@ func (s *Service) stop() error {
 	s.mu.Lock()
 	s.running = false
 	s.cancel() // ends the register loop
-	reg, info, server, grace := s.registry, s.info, s.server, s.opts.gracePeriod
+	reg, server, grace := s.registry, s.server, s.opts.gracePeriod
 	s.mu.Unlock()
 	s.regWG.Wait() // so no refresh can land after the deregistration
 
@@ -701,7 +701,7 @@ func (s *Service) stop() error {
 	server.draining.Store(true)
 	s.regMu.Lock() // after a re-announcement in flight
 	s.mu.Lock()
-	info = s.info
+	info := s.info // as last announced
 	s.mu.Unlock()
 	dctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	if err := reg.Deregister(dctx, info); err != nil {
