@@ -150,3 +150,42 @@ func ExampleFilterMetadata() {
 	// micro.NewClient(micro.WithRegistry(reg), micro.WithFilter(micro.FilterMetadata("track", "canary"))).
 	// Output: canary-1 10.0.0.2:8080
 }
+
+type UserCreated struct {
+	ID   int    `json:"id"`
+	Name string `json:"name"`
+}
+
+// One service subscribes to a topic; another publishes on it and returns
+// once the subscriber has handled the event.
+func ExampleRegisterSubscriber() {
+	reg := micro.NewMemoryRegistry()
+	defer reg.Close()
+
+	mailer := micro.NewService(micro.Name("mailer"), micro.Address("127.0.0.1:0"), micro.WithRegistry(reg))
+	_, err := micro.RegisterSubscriber("user.created", mailer.Server(), func(ctx context.Context, ev *UserCreated) error {
+		fmt.Println("welcome mail to", ev.Name)
+		return nil
+	}, micro.Queue("mailers")) // with several mailers, one of them sends it
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	if err := mailer.Start(); err != nil {
+		fmt.Println(err)
+		return
+	}
+	defer mailer.Close()
+
+	users := micro.NewService(micro.Name("users"), micro.WithRegistry(reg))
+	defer users.Close()
+	var delivered int
+	err = users.Client().Publish(context.Background(), "user.created", &UserCreated{ID: 7, Name: "ada"}, micro.Delivered(&delivered))
+	fmt.Println(delivered, err)
+	err = users.Client().Publish(context.Background(), "user.deleted", &UserCreated{ID: 7}, micro.Delivered(&delivered))
+	fmt.Println(delivered, err)
+	// Output:
+	// welcome mail to ada
+	// 1 <nil>
+	// 0 <nil>
+}

@@ -66,6 +66,24 @@
 // protocol over cleartext HTTP/2 on the same port, with HTTP/2's flow
 // control between a writer and its reader.
 //
+// # Pub/sub
+//
+// [Client.Publish] sends an event on a topic and [RegisterSubscriber]
+// handles one:
+//
+//	micro.RegisterSubscriber("user.created", svc.Server(), func(ctx context.Context, ev *User) error { ... })
+//	err := svc.Client().Publish(ctx, "user.created", &User{ID: 7})
+//
+// Publish returns when every subscriber has acknowledged (its handler
+// returned nil) or failed; a failing or unreachable subscriber is retried
+// with back-off within the deadline, and what still fails is reported in a
+// [*PublishError]. [Queue] makes subscribers share a topic's messages, each
+// going to one member of the group. Delivery is at least once: a lost
+// acknowledgement means the message is sent again, and [HeaderID] lets a
+// handler drop the repeat. A Service's default [Broker] delivers over HTTP
+// to subscribers announced in the registry; [NewMemoryBroker] serves one
+// process.
+//
 // # Codecs
 //
 // JSON (the default), proto (through the messages' own Marshal methods), gob,
@@ -130,6 +148,10 @@ type Service struct {
 	storeOf  string // what made the store, if made here ("memory", "file:DIR")
 	ln       net.Listener
 	info     *ServiceInfo // as registered
+	infoVer  uint64       // bumped when info changes while running
+	regMu    sync.Mutex   // orders a re-announcement before Stop's deregistration
+	broker   Broker
+	ownsBrk  bool // the broker was made here and is closed by Close
 	running  bool
 	closed   bool          // by Close: no more Start
 	stopped  chan struct{} // closed by Stop, ends Run
@@ -164,6 +186,9 @@ type serviceOptions struct {
 
 	serverOpts []ServerOption
 	clientOpts []ClientOption
+
+	broker     Broker         // WithBroker; nil: the service's own HTTP broker
+	brokerOpts []BrokerOption // for the service's own broker
 }
 
 // ServiceOption configures a [Service]. Server and client options are service
@@ -204,7 +229,35 @@ func NewService(opts ...ServiceOption) *Service {
 	s.setRegistry()
 	s.setStore()
 	s.client = NewClient(append(s.opts.clientOpts, WithRegistry(s.registry))...)
+	s.setBroker()
 	return s
+}
+
+// setBroker gives the server and client the broker of WithBroker, or the
+// service's own HTTP broker (see broker_http.go), whose subscriptions the
+// service announces in its registration.
+func (s *Service) setBroker() {
+	own, _ := s.broker.(*brokerHTTP)
+	switch {
+	case s.opts.broker == nil && own != nil && s.ownsBrk:
+		// Init with new broker options: the same broker (it holds the
+		// subscriptions and the server's delivery endpoint), reconfigured.
+		own.opts = brokerDefaults()
+		for _, o := range s.opts.brokerOpts {
+			o.applyBroker(&own.opts)
+		}
+	case s.opts.broker == nil:
+		b := newBrokerHTTP(s.server, s.client, s.opts.brokerOpts...)
+		b.announce = s.reannounce
+		s.broker, s.ownsBrk = b, true
+	default:
+		if s.ownsBrk {
+			s.broker.Close()
+		}
+		s.broker, s.ownsBrk = s.opts.broker, false
+	}
+	s.server.opts.broker = s.broker
+	s.client.opts.broker = s.broker
 }
 
 // setRegistry takes the registry of the options, or makes the service's own:
@@ -278,6 +331,7 @@ func (s *Service) Init(opts ...ServiceOption) error {
 	}
 	prevName := s.opts.name
 	prevRegistry, prevRegistryName := s.opts.registry, s.opts.registryName
+	prevBroker, prevBrokerOpts := s.opts.broker, len(s.opts.brokerOpts)
 	o := &s.opts
 	o.serverOpts, o.clientOpts = nil, nil
 	for _, opt := range opts {
@@ -366,6 +420,9 @@ func (s *Service) Init(opts ...ServiceOption) error {
 	if len(clientOpts) > 0 {
 		s.client.apply(clientOpts)
 	}
+	if o.broker != prevBroker || len(o.brokerOpts) != prevBrokerOpts {
+		s.setBroker()
+	}
 	return nil
 }
 
@@ -428,6 +485,14 @@ func (s *Service) Client() *Client {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.client
+}
+
+// Broker returns the service's broker: the one given with [WithBroker], or
+// the service's own HTTP broker, which [Service.Close] closes.
+func (s *Service) Broker() Broker {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.broker
 }
 
 // Registry returns the service's registry.
@@ -539,7 +604,7 @@ func (s *Service) start() error {
 		Version:   s.opts.version,
 		Metadata:  maps.Clone(s.opts.metadata),
 		Endpoints: s.server.Endpoints(),
-		Nodes:     []*Node{{ID: s.opts.name + "-" + hex.EncodeToString(id), Address: addr, Metadata: maps.Clone(s.opts.metadata)}},
+		Nodes:     []*Node{{ID: s.opts.name + "-" + hex.EncodeToString(id), Address: addr, Metadata: s.nodeMetadata()}},
 	}
 	s.server.info.Store(s.info.Clone())
 	ctx, cancel := context.WithCancel(context.Background())
@@ -552,7 +617,7 @@ func (s *Service) start() error {
 	// Register once now, outside the lock, so the service can be found when
 	// Start returns; the loop retries a failure and refreshes the TTL.
 	rctx, rcancel := context.WithTimeout(ctx, 5*time.Second)
-	err = reg.Register(rctx, info, ttl)
+	err = s.registerInfo(rctx, reg, ttl)
 	rcancel()
 	if err != nil {
 		logger.Warn("micro: register failed; retrying", "service", info.Name, "err", err)
@@ -560,6 +625,65 @@ func (s *Service) start() error {
 	s.regWG.Add(1)
 	go s.registerLoop(ctx, reg, info, err == nil)
 	return nil
+}
+
+// nodeMetadata is the node's metadata: the service's, and the subscriptions
+// of its own HTTP broker. The caller holds s.mu.
+func (s *Service) nodeMetadata() map[string]string {
+	md := maps.Clone(s.opts.metadata)
+	if b, ok := s.broker.(*brokerHTTP); ok && b.server == s.server {
+		if bm := b.metadata(); len(bm) > 0 {
+			if md == nil {
+				md = map[string]string{}
+			}
+			maps.Copy(md, bm)
+		}
+	}
+	return md
+}
+
+// registerInfo registers the current record, and again if it changed
+// meanwhile, so that the last registration to finish is of the latest one.
+func (s *Service) registerInfo(ctx context.Context, reg Registry, ttl time.Duration) error {
+	for {
+		s.mu.Lock()
+		info, ver := s.info.Clone(), s.infoVer
+		s.mu.Unlock()
+		if err := reg.Register(ctx, info, ttl); err != nil {
+			return err
+		}
+		s.mu.Lock()
+		same := s.infoVer == ver
+		s.mu.Unlock()
+		if same {
+			return nil
+		}
+	}
+}
+
+// reannounce re-registers a running service after its broker's
+// subscriptions changed, so publishers see the change. A failure is left to
+// the register loop's next refresh.
+func (s *Service) reannounce() {
+	s.regMu.Lock() // Stop deregisters only after this registration
+	defer s.regMu.Unlock()
+	s.mu.Lock()
+	if !s.running || s.info == nil {
+		s.mu.Unlock()
+		return
+	}
+	info := s.info.Clone()
+	info.Endpoints = s.server.Endpoints()
+	info.Nodes[0].Metadata = s.nodeMetadata()
+	s.info = info
+	s.infoVer++
+	reg, ttl, logger, ctx := s.registry, s.opts.registerTTL, s.opts.logger, context.Background()
+	s.mu.Unlock()
+	rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if err := s.registerInfo(rctx, reg, ttl); err != nil {
+		logger.Warn("micro: re-registering after a subscription change failed; the register loop retries", "service", info.Name, "err", err)
+	}
 }
 
 // registerLoop refreshes the registration every interval, and retries a
@@ -583,7 +707,7 @@ func (s *Service) registerLoop(ctx context.Context, reg Registry, info *ServiceI
 		case <-t.C:
 		}
 		rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		err := reg.Register(rctx, info, s.opts.registerTTL)
+		err := s.registerInfo(rctx, reg, s.opts.registerTTL)
 		cancel()
 		if err == nil {
 			backoff = 100 * time.Millisecond
@@ -648,17 +772,22 @@ func (s *Service) stop() error {
 	s.mu.Lock()
 	s.running = false
 	s.cancel() // ends the register loop
-	reg, info, server, grace := s.registry, s.info, s.server, s.opts.gracePeriod
+	reg, server, grace := s.registry, s.server, s.opts.gracePeriod
 	s.mu.Unlock()
 	s.regWG.Wait() // so no refresh can land after the deregistration
 
 	var errs []error
 	server.draining.Store(true)
+	s.regMu.Lock() // after a re-announcement in flight
+	s.mu.Lock()
+	info := s.info // as last announced
+	s.mu.Unlock()
 	dctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	if err := reg.Deregister(dctx, info); err != nil {
 		errs = append(errs, fmt.Errorf("micro: deregister: %w", err))
 	}
 	cancel()
+	s.regMu.Unlock()
 	sctx, cancel := context.WithTimeout(context.Background(), grace)
 	if err := server.Shutdown(sctx); err != nil {
 		errs = append(errs, fmt.Errorf("micro: calls still running after the %s grace period were cut", grace))
@@ -690,7 +819,11 @@ func (s *Service) Close() error {
 	s.closed = true
 	client, reg, owns := s.client, s.registry, s.ownsReg
 	store, ownsStore := s.store, s.storeOf != ""
+	broker, ownsBrk := s.broker, s.ownsBrk
 	s.mu.Unlock()
+	if ownsBrk {
+		broker.Close() // before the client it publishes with
+	}
 	client.Close()
 	if c, ok := reg.(interface{ Close() error }); ok && owns {
 		c.Close()

@@ -261,6 +261,8 @@ type serverOptions struct {
 	streamWrappers    []StreamWrapper
 	codecs            []Codec
 	logger            *slog.Logger
+	broker            Broker              // for RegisterSubscriber (broker.go)
+	subWrappers       []SubscriberWrapper // around every RegisterSubscriber
 }
 
 // rpcMethod is one registered endpoint.
@@ -1209,6 +1211,7 @@ type clientOptions struct {
 	logger         *slog.Logger
 	maxRspSize     int64
 	cacheTTL       time.Duration
+	broker         Broker      // for Publish (broker.go)
 	call           callOptions // defaults for every call
 }
 
@@ -1650,6 +1653,7 @@ type CallOption interface {
 type ClientCallOption interface {
 	ClientOption
 	CallOption
+	PublishOption // those that mean something to a publish; see PublishOption
 }
 
 // WithBalancer sets the client's balancer (default NewBalancer(LeastInFlight)).
