@@ -19,6 +19,7 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 	"syscall"
@@ -40,6 +41,7 @@ func main() {
 		window  = flag.Duration("window", 300*time.Millisecond, "wire bytes: how long to capture after Register and after Close")
 		skip    = flag.String("skip", "", "parts to skip, comma-separated: warm, cold, lookup, wire")
 		out     = flag.String("out", "", "also write the report to this file")
+		cpuprof = flag.String("cpuprofile", "", "write a CPU profile of the warm Lookup loops (every -others value) to this file")
 	)
 	flag.Parse()
 	if *role == "service" || mdnsbench.IsChild() {
@@ -113,6 +115,16 @@ func main() {
 	if !skipped["lookup"] {
 		p("## Lookup from a warm cache (service heard from another registry)\n\n")
 		p("| other services cached | ns/op | B/op | allocs/op |\n|---:|---:|---:|---:|\n")
+		if *cpuprof != "" {
+			f, err := os.Create(*cpuprof)
+			if err != nil {
+				fail(err)
+			}
+			if err := pprof.StartCPUProfile(f); err != nil {
+				fail(err)
+			}
+			defer f.Close()
+		}
 		for _, o := range strings.Split(*others, ",") {
 			k, err := strconv.Atoi(o)
 			if err != nil {
@@ -134,6 +146,9 @@ func main() {
 				fail(fmt.Errorf("warm lookup: %w", lerr))
 			}
 			p("| %d | %d | %d | %d |\n", k, r.NsPerOp(), r.AllocedBytesPerOp(), r.AllocsPerOp())
+		}
+		if *cpuprof != "" {
+			pprof.StopCPUProfile()
 		}
 		p("\n")
 	}
