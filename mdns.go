@@ -1135,12 +1135,16 @@ func (r *MDNSRegistry) notifyLocked(t EventType, s *ServiceInfo) {
 
 // lookupLocked gathers the view's nodes of a service by version.
 func (r *MDNSRegistry) lookupLocked(name string) []*ServiceInfo {
-	byVersion := make(map[string]*ServiceInfo)
-	for _, inst := range slices.Sorted(maps.Keys(r.view)) {
-		s := r.view[inst]
-		if name != "" && s.Name != name {
-			continue
+	var insts []string // this service's only: a busy link has many others
+	for inst, s := range r.view {
+		if name == "" || s.Name == name {
+			insts = append(insts, inst)
 		}
+	}
+	slices.Sort(insts)
+	byVersion := make(map[string]*ServiceInfo)
+	for _, inst := range insts {
+		s := r.view[inst]
 		k := s.Name + "\x00" + s.Version
 		if agg := byVersion[k]; agg != nil {
 			agg.Nodes = append(agg.Nodes, s.Nodes[0].clone())
