@@ -223,7 +223,7 @@ func (b *brokerHTTP) publish(ctx context.Context, topic string, msg *Message, o 
 	if len(targets) == 0 {
 		return nil
 	}
-	payload := brokerAppendPayload(make([]byte, 0, 64+len(msg.Body)), topic, msg)
+	payload := brokerAppendPayload(make([]byte, 0, brokerPayloadSize(topic, msg)), topic, msg)
 	res := make(chan brokerResult, len(targets))
 	st := make([]brokerAttempt, len(targets))
 	pending, acked := len(targets), 0
@@ -471,6 +471,11 @@ func (b *brokerHTTP) sendBatch(q *brokerNodeQueue, batch []*brokerItem, buf []by
 			deadline = d
 		}
 	}
+	size := 1 + binary.MaxVarintLen64
+	for _, it := range batch {
+		size += 2*binary.MaxVarintLen64 + len(it.queue) + len(it.payload)
+	}
+	buf = slices.Grow(buf, size)
 	buf = append(buf, brokerVersion)
 	buf = binary.AppendUvarint(buf, uint64(len(batch)))
 	for _, it := range batch {
@@ -575,6 +580,15 @@ type brokerDelivery struct {
 func brokerAppendString(b []byte, s string) []byte {
 	b = binary.AppendUvarint(b, uint64(len(s)))
 	return append(b, s...)
+}
+
+// brokerPayloadSize bounds the size of a message's encoded payload.
+func brokerPayloadSize(topic string, msg *Message) int {
+	n := 2*binary.MaxVarintLen64 + len(topic) + len(msg.Body)
+	for k, v := range msg.Header {
+		n += 2*binary.MaxVarintLen64 + len(k) + len(v)
+	}
+	return n
 }
 
 // brokerAppendPayload encodes a message for delivery (see the envelope
