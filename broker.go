@@ -34,6 +34,11 @@ import (
 // dead but still registered) is tried once per publish rather than until the
 // deadline.
 //
+// Topics are tokens of ASCII letters, digits, '_' and '-' separated by
+// single dots ("user.created", "orders.eu-west.v2"), at most 128 bytes, with
+// no wildcards; queue group names follow the same grammar, at most 64 bytes.
+// A message's body and headers together are bounded by [MaxMessageSize].
+//
 // [NewMemoryBroker] serves one process. A [Service] uses the HTTP broker
 // unless [WithBroker] says otherwise: deliveries travel point to point, as
 // RPCs on the nodes' own ports, to subscribers found through the registry.

@@ -223,7 +223,7 @@ func (b *brokerHTTP) publish(ctx context.Context, topic string, msg *Message, o 
 	if len(targets) == 0 {
 		return nil
 	}
-	payload := brokerAppendPayload(make([]byte, 0, 64+len(msg.Body)), topic, msg)
+	payload := brokerAppendPayload(make([]byte, 0, brokerPayloadSize(topic, msg)), topic, msg)
 	res := make(chan brokerResult, len(targets))
 	st := make([]brokerAttempt, len(targets))
 	pending, acked := len(targets), 0
@@ -256,7 +256,7 @@ func (b *brokerHTTP) publish(ctx context.Context, topic string, msg *Message, o 
 			addr, s.done = node.Address, done
 		}
 		s.node = addr
-		b.enqueue(addr, &brokerItem{ctx: ctx, queue: t.queue, payload: payload, i: i, res: res})
+		b.enqueue(addr, &brokerItem{ctx: ctx, queue: t.queue, payload: payload, i: i, res: res}, len(targets) == 1)
 		return true
 	}
 	for i := range targets {
@@ -383,8 +383,10 @@ func (b *brokerHTTP) ejected(addr string) bool {
 var brokerClosedError = &Error{Code: CodeCanceled, Message: "micro: broker closed", cause: ErrClosed}
 
 // enqueue queues an item for a node and starts a sender for it if fewer
-// than brokerSendersPerNode run.
-func (b *brokerHTTP) enqueue(addr string, it *brokerItem) {
+// than brokerSendersPerNode run. With inline (the publish has this one
+// delivery in flight), a node with no sender is sent to from the caller's
+// goroutine, saving two goroutine hand-offs.
+func (b *brokerHTTP) enqueue(addr string, it *brokerItem, inline bool) {
 	b.mu.Lock()
 	if b.closed {
 		b.mu.Unlock()
@@ -399,23 +401,42 @@ func (b *brokerHTTP) enqueue(addr string, it *brokerItem) {
 	}
 	q.items = append(q.items, it)
 	start := q.senders < brokerSendersPerNode
+	inline = inline && q.senders == 0
 	if start {
 		q.senders++
 		b.wg.Add(1)
 	}
 	b.mu.Unlock()
-	if start {
-		go b.sender(q)
+	switch {
+	case inline:
+		b.sender(q, true)
+	case start:
+		go b.sender(q, false)
 	}
 }
 
 // sender sends what is queued for a node, a batch at a time, until the
-// queue is empty.
-func (b *brokerHTTP) sender(q *brokerNodeQueue) {
+// queue is empty. Inline, it runs on a publisher's goroutine and sends one
+// batch (its own item first), then hands what is left to a goroutine.
+func (b *brokerHTTP) sender(q *brokerNodeQueue, inline bool) {
 	defer b.wg.Done()
 	var batch []*brokerItem
 	var buf []byte
-	for {
+	for round := 0; ; round++ {
+		if inline && round == 1 {
+			b.mu.Lock()
+			if len(q.items) > 0 { // more came meanwhile: a goroutine takes over this sender's turn
+				b.wg.Add(1)
+				go b.sender(q, false)
+			} else {
+				q.senders--
+				if q.senders == 0 && b.nodes[q.addr] == q {
+					delete(b.nodes, q.addr)
+				}
+			}
+			b.mu.Unlock()
+			return
+		}
 		batch = batch[:0]
 		size := 0
 		b.mu.Lock()
@@ -450,6 +471,11 @@ func (b *brokerHTTP) sendBatch(q *brokerNodeQueue, batch []*brokerItem, buf []by
 			deadline = d
 		}
 	}
+	size := 1 + binary.MaxVarintLen64
+	for _, it := range batch {
+		size += 2*binary.MaxVarintLen64 + len(it.queue) + len(it.payload)
+	}
+	buf = slices.Grow(buf, size)
 	buf = append(buf, brokerVersion)
 	buf = binary.AppendUvarint(buf, uint64(len(batch)))
 	for _, it := range batch {
@@ -554,6 +580,15 @@ type brokerDelivery struct {
 func brokerAppendString(b []byte, s string) []byte {
 	b = binary.AppendUvarint(b, uint64(len(s)))
 	return append(b, s...)
+}
+
+// brokerPayloadSize bounds the size of a message's encoded payload.
+func brokerPayloadSize(topic string, msg *Message) int {
+	n := 2*binary.MaxVarintLen64 + len(topic) + len(msg.Body)
+	for k, v := range msg.Header {
+		n += 2*binary.MaxVarintLen64 + len(k) + len(v)
+	}
+	return n
 }
 
 // brokerAppendPayload encodes a message for delivery (see the envelope
