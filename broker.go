@@ -863,7 +863,7 @@ func (b *MemoryBroker) publish(ctx context.Context, topic string, msg *Message, 
 	var failures []PublishFailure
 	if tp != nil {
 		for _, s := range tp.plain {
-			done, err := b.deliver(ctx, msg, o, func(int) *brokerSub { return s })
+			done, err := b.deliver(ctx, msg, o, func(int) *brokerSub { return s }, 1)
 			switch {
 			case err != nil:
 				failures = append(failures, PublishFailure{Node: "local", Err: err})
@@ -872,7 +872,7 @@ func (b *MemoryBroker) publish(ctx context.Context, topic string, msg *Message, 
 			}
 		}
 		for _, g := range tp.groups {
-			done, err := b.deliver(ctx, msg, o, g.picker())
+			done, err := b.deliver(ctx, msg, o, g.picker(), len(g.members))
 			switch {
 			case err != nil:
 				failures = append(failures, PublishFailure{Node: "local", Queue: g.name, Err: err})
@@ -892,8 +892,9 @@ func (b *MemoryBroker) publish(ctx context.Context, topic string, msg *Message, 
 
 // deliver runs one target until it acknowledges, fails for good, or the
 // context ends; pick(n) gives the subscriber for attempt n (nil: none is
-// left). It reports whether a subscriber acknowledged.
-func (b *MemoryBroker) deliver(ctx context.Context, msg *Message, o *publishOptions, pick func(int) *brokerSub) (bool, error) {
+// left), and a back-off follows each round of members tries. It reports
+// whether a subscriber acknowledged.
+func (b *MemoryBroker) deliver(ctx context.Context, msg *Message, o *publishOptions, pick func(int) *brokerSub, members int) (bool, error) {
 	var last error
 	for attempt := 0; ; attempt++ {
 		s := pick(attempt)
@@ -911,7 +912,10 @@ func (b *MemoryBroker) deliver(ctx context.Context, msg *Message, o *publishOpti
 		if !brokerRetryable(err) || (o.retries >= 0 && attempt >= o.retries) {
 			return false, err
 		}
-		if !brokerSleep(ctx, brokerBackoff(attempt)) {
+		if (attempt+1)%members != 0 {
+			continue // another member, at once
+		}
+		if !brokerSleep(ctx, brokerBackoff(attempt/members)) {
 			return false, brokerContextError(ctx, last)
 		}
 	}
