@@ -547,6 +547,9 @@ func brokerCheckPublish(topic string, msg *Message, max int, opts []PublishOptio
 	if msg == nil {
 		return o, Errorf(CodeInvalidArgument, "micro: publish %s: message is nil", topic)
 	}
+	if max <= 0 {
+		max = DefaultMaxMessageSize
+	}
 	if n := brokerMessageSize(msg); n > max {
 		return o, Errorf(CodeResourceExhausted, "micro: publish %s: message of %d bytes is larger than %d", topic, n, max)
 	}
@@ -817,8 +820,9 @@ func (t *brokerTable) deliverLocal(ctx context.Context, topic, queue string, msg
 // MemoryBroker is a [Broker] inside one process, for tests and single
 // binaries. Publish runs the handlers in the publisher's goroutine, one
 // subscriber after another, and returns when each has acknowledged or failed
-// (with the retries [Broker] describes). Make it with [NewMemoryBroker];
-// Close it when done. It is safe for concurrent use.
+// (with the retries [Broker] describes). The zero value is an empty broker
+// with the default options; [NewMemoryBroker] takes options. Close it when
+// done with asynchronous publishes. It is safe for concurrent use.
 type MemoryBroker struct {
 	opts  brokerOptions
 	table brokerTable
@@ -831,7 +835,6 @@ func NewMemoryBroker(opts ...BrokerOption) *MemoryBroker {
 	for _, o := range opts {
 		o.applyBroker(&b.opts)
 	}
-	b.async.init()
 	return b
 }
 
@@ -1006,6 +1009,7 @@ func brokerContextError(ctx context.Context, last error) error {
 // brokerAsyncLimit at once, each on a goroutine that Close cancels and waits
 // for.
 type brokerAsync struct {
+	once   sync.Once
 	sem    chan struct{}
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -1017,8 +1021,10 @@ type brokerAsync struct {
 const brokerAsyncLimit = 1024
 
 func (a *brokerAsync) init() {
-	a.sem = make(chan struct{}, brokerAsyncLimit)
-	a.ctx, a.cancel = context.WithCancel(context.Background())
+	a.once.Do(func() {
+		a.sem = make(chan struct{}, brokerAsyncLimit)
+		a.ctx, a.cancel = context.WithCancel(context.Background())
+	})
 }
 
 func (a *brokerAsync) isClosed() bool {
@@ -1029,6 +1035,7 @@ func (a *brokerAsync) isClosed() bool {
 
 // run starts publish in the background, once a slot is free.
 func (a *brokerAsync) run(ctx context.Context, o *publishOptions, publish func(context.Context) error) error {
+	a.init()
 	select {
 	case a.sem <- struct{}{}:
 	case <-ctx.Done():
@@ -1071,6 +1078,7 @@ func (a *brokerAsync) run(ctx context.Context, o *publishOptions, publish func(c
 }
 
 func (a *brokerAsync) close() {
+	a.init()
 	a.mu.Lock()
 	a.closed = true
 	a.mu.Unlock()
