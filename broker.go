@@ -547,6 +547,9 @@ func brokerCheckPublish(topic string, msg *Message, max int, opts []PublishOptio
 	if msg == nil {
 		return o, Errorf(CodeInvalidArgument, "micro: publish %s: message is nil", topic)
 	}
+	if max <= 0 {
+		max = DefaultMaxMessageSize
+	}
 	if n := brokerMessageSize(msg); n > max {
 		return o, Errorf(CodeResourceExhausted, "micro: publish %s: message of %d bytes is larger than %d", topic, n, max)
 	}
@@ -817,8 +820,9 @@ func (t *brokerTable) deliverLocal(ctx context.Context, topic, queue string, msg
 // MemoryBroker is a [Broker] inside one process, for tests and single
 // binaries. Publish runs the handlers in the publisher's goroutine, one
 // subscriber after another, and returns when each has acknowledged or failed
-// (with the retries [Broker] describes). Make it with [NewMemoryBroker];
-// Close it when done. It is safe for concurrent use.
+// (with the retries [Broker] describes). The zero value is an empty broker
+// with the default options; [NewMemoryBroker] takes options. Close it when
+// done with asynchronous publishes. It is safe for concurrent use.
 type MemoryBroker struct {
 	opts  brokerOptions
 	table brokerTable
@@ -831,7 +835,6 @@ func NewMemoryBroker(opts ...BrokerOption) *MemoryBroker {
 	for _, o := range opts {
 		o.applyBroker(&b.opts)
 	}
-	b.async.init()
 	return b
 }
 
@@ -863,7 +866,7 @@ func (b *MemoryBroker) publish(ctx context.Context, topic string, msg *Message, 
 	var failures []PublishFailure
 	if tp != nil {
 		for _, s := range tp.plain {
-			done, err := b.deliver(ctx, msg, o, func(int) *brokerSub { return s })
+			done, err := b.deliver(ctx, msg, o, func(int) *brokerSub { return s }, 1)
 			switch {
 			case err != nil:
 				failures = append(failures, PublishFailure{Node: "local", Err: err})
@@ -872,7 +875,7 @@ func (b *MemoryBroker) publish(ctx context.Context, topic string, msg *Message, 
 			}
 		}
 		for _, g := range tp.groups {
-			done, err := b.deliver(ctx, msg, o, g.picker())
+			done, err := b.deliver(ctx, msg, o, g.picker(), len(g.members))
 			switch {
 			case err != nil:
 				failures = append(failures, PublishFailure{Node: "local", Queue: g.name, Err: err})
@@ -892,8 +895,9 @@ func (b *MemoryBroker) publish(ctx context.Context, topic string, msg *Message, 
 
 // deliver runs one target until it acknowledges, fails for good, or the
 // context ends; pick(n) gives the subscriber for attempt n (nil: none is
-// left). It reports whether a subscriber acknowledged.
-func (b *MemoryBroker) deliver(ctx context.Context, msg *Message, o *publishOptions, pick func(int) *brokerSub) (bool, error) {
+// left), and a back-off follows each round of members tries. It reports
+// whether a subscriber acknowledged.
+func (b *MemoryBroker) deliver(ctx context.Context, msg *Message, o *publishOptions, pick func(int) *brokerSub, members int) (bool, error) {
 	var last error
 	for attempt := 0; ; attempt++ {
 		s := pick(attempt)
@@ -911,7 +915,10 @@ func (b *MemoryBroker) deliver(ctx context.Context, msg *Message, o *publishOpti
 		if !brokerRetryable(err) || (o.retries >= 0 && attempt >= o.retries) {
 			return false, err
 		}
-		if !brokerSleep(ctx, brokerBackoff(attempt)) {
+		if (attempt+1)%members != 0 {
+			continue // another member, at once
+		}
+		if !brokerSleep(ctx, brokerBackoff(attempt/members)) {
 			return false, brokerContextError(ctx, last)
 		}
 	}
@@ -1002,6 +1009,7 @@ func brokerContextError(ctx context.Context, last error) error {
 // brokerAsyncLimit at once, each on a goroutine that Close cancels and waits
 // for.
 type brokerAsync struct {
+	once   sync.Once
 	sem    chan struct{}
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -1013,8 +1021,10 @@ type brokerAsync struct {
 const brokerAsyncLimit = 1024
 
 func (a *brokerAsync) init() {
-	a.sem = make(chan struct{}, brokerAsyncLimit)
-	a.ctx, a.cancel = context.WithCancel(context.Background())
+	a.once.Do(func() {
+		a.sem = make(chan struct{}, brokerAsyncLimit)
+		a.ctx, a.cancel = context.WithCancel(context.Background())
+	})
 }
 
 func (a *brokerAsync) isClosed() bool {
@@ -1025,6 +1035,7 @@ func (a *brokerAsync) isClosed() bool {
 
 // run starts publish in the background, once a slot is free.
 func (a *brokerAsync) run(ctx context.Context, o *publishOptions, publish func(context.Context) error) error {
+	a.init()
 	select {
 	case a.sem <- struct{}{}:
 	case <-ctx.Done():
@@ -1067,6 +1078,7 @@ func (a *brokerAsync) run(ctx context.Context, o *publishOptions, publish func(c
 }
 
 func (a *brokerAsync) close() {
+	a.init()
 	a.mu.Lock()
 	a.closed = true
 	a.mu.Unlock()

@@ -807,3 +807,18 @@ func TestBrokerInitKeepsSubscriptions(t *testing.T) {
 	assertEqual(t, rec.count(), 1)
 	assertCode(t, svc.Client().Publish(context.Background(), "user.created", &Message{Body: make([]byte, 1000)}), CodeResourceExhausted)
 }
+
+func TestMemoryBrokerZeroValue(t *testing.T) {
+	checkGoroutines(t)
+	var b MemoryBroker
+	rec := &brokerRecorder{}
+	_, err := b.Subscribe("a.b", rec.raw)
+	assertNoError(t, err)
+	done := make(chan error, 1)
+	assertNoError(t, b.Publish(context.Background(), "a.b", &Message{Body: []byte("x")}))
+	assertNoError(t, b.Publish(context.Background(), "a.b", &Message{}, PublishAsync(func(err error) { done <- err })))
+	assertNoError(t, <-done)
+	assertEqual(t, rec.count(), 2)
+	assertCode(t, b.Publish(context.Background(), "a.b", &Message{Body: make([]byte, DefaultMaxMessageSize+1)}), CodeResourceExhausted)
+	assertNoError(t, b.Close())
+}
