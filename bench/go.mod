@@ -5,6 +5,7 @@ go 1.24.0
 require (
 	connectrpc.com/connect v1.19.1
 	github.com/micro-kit/micro v0.0.0
+	go.etcd.io/bbolt v1.4.3
 	google.golang.org/grpc v1.80.0
 	google.golang.org/protobuf v1.36.12
 )
