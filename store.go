@@ -265,8 +265,12 @@ type storeQuery struct {
 // storeReadQuery turns Read's key and options into a checked query; exact
 // reports whether it reads one key.
 func storeReadQuery(key string, opts []ReadOption) (q storeQuery, exact bool, err error) {
-	for _, o := range opts {
-		o.applyRead(&q)
+	if len(opts) > 0 { // options get a pointer, which escapes: only then
+		p := new(storeQuery)
+		for _, o := range opts {
+			o.applyRead(p)
+		}
+		q = *p
 	}
 	if q.isPrefix {
 		q.prefix = key
@@ -275,10 +279,10 @@ func storeReadQuery(key string, opts []ReadOption) (q storeQuery, exact bool, er
 		q.suffix = key
 	}
 	exact = !q.isPrefix && !q.isSuffix
-	if exact {
-		if err := storeCheckKey(key); err != nil {
-			return q, exact, err
-		}
+	if exact && (key == "" || len(key) > storeMaxKey) {
+		// A key that is not UTF-8 is not refused here: it cannot have been
+		// written, so it is not found.
+		return q, exact, storeCheckKey(key)
 	}
 	return q, exact, q.check()
 }
@@ -305,6 +309,10 @@ func storeDeleteQuery(key string, opts []DeleteOption) (storeQuery, error) {
 // check fills in the default namespace and checks the query: prefixes and
 // suffixes are UTF-8, as keys are.
 func (q *storeQuery) check() error {
+	if q.db == "" && q.table == "" && q.prefix == "" && q.suffix == "" {
+		q.db, q.table = StoreDefaultDatabase, StoreDefaultTable
+		return nil
+	}
 	q.db, q.table = storeNamespace(q.db, q.table)
 	if !utf8.ValidString(q.prefix) || !utf8.ValidString(q.suffix) {
 		return Errorf(CodeInvalidArgument, "micro: store: prefix %q or suffix %q is not UTF-8", q.prefix, q.suffix)
@@ -690,12 +698,14 @@ func (h *storeExpiryHeap) purge(now int64, drop func(ns storeNS, key string, at 
 
 // storeIndex is an ordered map from string keys to V, kept as a list of
 // sorted chunks of at most storeChunkMax entries: an insert moves at most
-// one chunk's entries, a lookup is two binary searches, and a walk in key
-// order reads each chunk in turn. The zero value is an empty index. It is
+// one chunk's entries, a seek is two binary searches, and a walk in key
+// order reads each chunk in turn. A hash map beside it answers lookups of
+// one key without the searches' cache misses. The zero value is an empty index. It is
 // not safe for concurrent use.
 type storeIndex[V any] struct {
 	chunks []*storeChunk[V]
 	n      int
+	hash   map[string]V // the same entries, for lookups of one key
 }
 
 type storeChunk[V any] struct {
@@ -736,18 +746,16 @@ func (x *storeIndex[V]) find(key string) (ci, i int, found bool) {
 
 // get returns the value of key.
 func (x *storeIndex[V]) get(key string) (v V, ok bool) {
-	if x.n == 0 {
-		return v, false
-	}
-	ci, i, ok := x.find(key)
-	if !ok {
-		return v, false
-	}
-	return x.chunks[ci].vals[i], true
+	v, ok = x.hash[key]
+	return v, ok
 }
 
 // set stores v under key and returns the value it replaced.
 func (x *storeIndex[V]) set(key string, v V) (old V, had bool) {
+	if x.hash == nil {
+		x.hash = map[string]V{}
+	}
+	x.hash[key] = v
 	if len(x.chunks) == 0 {
 		x.chunks = []*storeChunk[V]{{keys: []string{key}, vals: []V{v}}}
 		x.n = 1
@@ -793,6 +801,7 @@ func (x *storeIndex[V]) delete(key string) (old V, had bool) {
 	if !found {
 		return old, false
 	}
+	delete(x.hash, key)
 	c := x.chunks[ci]
 	old = c.vals[i]
 	c.keys = append(c.keys[:i], c.keys[i+1:]...)

@@ -227,21 +227,17 @@ func (s *FileStore) Read(ctx context.Context, key string, opts ...ReadOption) ([
 	if err != nil {
 		return nil, err
 	}
-	now := s.opts.now().UnixNano()
 	if exact {
 		if l == nil {
 			return nil, storeNotFound(key)
 		}
-		r, err := l.get(q.table, key, now)
-		if err != nil {
-			return nil, err
-		}
-		return []*Record{r}, nil
+		return l.get(q.table, key)
 	}
 	if l == nil {
 		return []*Record{}, nil
 	}
-	return l.scan(&q, now)
+	scan := q // escapes; q, on the path of one key, need not
+	return l.scan(&scan, s.opts.now().UnixNano())
 }
 
 // Write appends r to its database's log and returns once the sync policy is
@@ -671,8 +667,15 @@ func (l *storeLog) has(table, key string) bool {
 	return ok
 }
 
+// storeReadBox holds what an exact read returns, in one allocation.
+type storeReadBox struct {
+	rec Record
+	out [1]*Record
+}
+
 // get reads one record.
-func (l *storeLog) get(table, key string, now int64) (*Record, error) {
+func (l *storeLog) get(table, key string) ([]*Record, error) {
+	var now int64 // read from the clock only for a record with an expiry
 	for {
 		l.mu.RLock()
 		if l.closed {
@@ -683,14 +686,23 @@ func (l *storeLog) get(table, key string, now int64) (*Record, error) {
 		if idx := l.tables[table]; idx != nil {
 			loc, ok = idx.get(key)
 		}
-		if !ok || !storeLive(loc.expires, now) {
+		if ok && loc.expires != 0 {
+			now = l.fs.opts.now().UnixNano()
+			ok = storeLive(loc.expires, now)
+		}
+		if !ok {
 			l.mu.RUnlock()
 			return nil, storeNotFound(key)
 		}
+		box := new(storeReadBox)
+		box.out[0] = &box.rec
 		if loc.end() <= int64(len(l.mapped)) {
-			r, err := l.record(l.mapped[loc.off:loc.end()], loc, table, key, now, true)
+			err := l.record(&box.rec, l.mapped[loc.off:loc.end()], loc, table, key, now, nil)
 			l.mu.RUnlock()
-			return r, err
+			if err != nil {
+				return nil, err
+			}
+			return box.out[:], nil
 		}
 		f := l.f
 		l.mu.RUnlock()
@@ -701,8 +713,43 @@ func (l *storeLog) get(table, key string, now int64) (*Record, error) {
 			}
 			return nil, fmt.Errorf("micro: store: reading %s: %w", l.path, err)
 		}
-		return l.record(buf, loc, table, key, now, false)
+		if err := l.record(&box.rec, buf, loc, table, key, now, nil); err != nil {
+			return nil, err
+		}
+		return box.out[:], nil
 	}
+}
+
+// storeArena hands out copies of small values from shared blocks, so that
+// a read of many records allocates a few blocks rather than a slice each.
+// Each copy is capped at its length: appending to one never writes into
+// another.
+type storeArena struct{ buf []byte }
+
+func (a *storeArena) copy(v []byte) []byte {
+	switch {
+	case len(v) == 0:
+		return nil
+	case len(v) > 2048:
+		return append([]byte(nil), v...)
+	}
+	if cap(a.buf)-len(a.buf) < len(v) {
+		a.buf = make([]byte, 0, 16<<10)
+	}
+	n := len(a.buf)
+	a.buf = append(a.buf, v...)
+	return a.buf[n:len(a.buf):len(a.buf)]
+}
+
+// storeRecords hands out Records from shared blocks.
+type storeRecords struct{ block []Record }
+
+func (b *storeRecords) next() *Record {
+	if len(b.block) == cap(b.block) {
+		b.block = make([]Record, 0, 32)
+	}
+	b.block = b.block[:len(b.block)+1]
+	return &b.block[len(b.block)-1]
 }
 
 // scan reads the records q selects.
@@ -720,14 +767,16 @@ func (l *storeLog) scan(q *storeQuery, now int64) ([]*Record, error) {
 		var hits []hit
 		var recs []*Record
 		var err error
+		var arena storeArena
+		var alloc storeRecords
 		mapped := true
 		storeScan(l.tables[q.table], q, func(v storeLoc) bool { return storeLive(v.expires, now) }, func(k string, v storeLoc) {
 			if err != nil {
 				return
 			}
 			if mapped && v.end() <= int64(len(l.mapped)) {
-				var r *Record
-				r, err = l.record(l.mapped[v.off:v.end()], v, q.table, k, now, true)
+				r := alloc.next()
+				err = l.record(r, l.mapped[v.off:v.end()], v, q.table, k, now, &arena)
 				recs = append(recs, r)
 				return
 			}
@@ -752,8 +801,8 @@ func (l *storeLog) scan(q *storeQuery, now int64) ([]*Record, error) {
 				}
 				return nil, fmt.Errorf("micro: store: reading %s: %w", l.path, err)
 			}
-			r, err := l.record(buf, h.loc, q.table, h.key, now, false)
-			if err != nil {
+			r := alloc.next()
+			if err := l.record(r, buf, h.loc, q.table, h.key, now, nil); err != nil {
 				return nil, err
 			}
 			recs = append(recs, r)
@@ -764,25 +813,29 @@ func (l *storeLog) scan(q *storeQuery, now int64) ([]*Record, error) {
 	}
 }
 
-// record decodes the record the index placed at loc, checking that it is
-// intact and is the one asked for. With copyValue, the value is copied out
-// of b (a mapping).
-func (l *storeLog) record(b []byte, loc storeLoc, table, key string, now int64, copyValue bool) (*Record, error) {
-	raw, n, err := storeDecode(b)
+// record decodes into r the record the index placed at loc, checking that
+// it is intact and is the one asked for. The value is copied out of b (a
+// mapping, or a buffer the caller may reuse): into the arena if one is
+// given. now matters only for a record with an expiry.
+func (l *storeLog) record(r *Record, b []byte, loc storeLoc, table, key string, now int64, arena *storeArena) error {
+	raw, n, err := storeDecodeRecord(b, false)
 	if err == nil && (n != len(b) || raw.tomb || string(raw.table) != table || string(raw.key) != key) {
 		err = errors.New("the record there is another one")
 	}
 	if err != nil {
-		return nil, &StoreCorruptError{Path: l.path, Offset: loc.off, Next: -1, Reason: err.Error()}
+		return &StoreCorruptError{Path: l.path, Offset: loc.off, Next: -1, Reason: err.Error()}
 	}
-	r := &Record{Key: key, Value: raw.value, Expiry: storeRemaining(raw.expires, now)}
-	if copyValue {
+	r.Key = key
+	if arena != nil {
+		r.Value = arena.copy(raw.value)
+	} else if len(raw.value) > 0 {
 		r.Value = append([]byte(nil), raw.value...)
 	}
+	r.Expiry = storeRemaining(raw.expires, now)
 	if raw.nmeta > 0 {
 		r.Metadata = raw.metadata()
 	}
-	return r, nil
+	return nil
 }
 
 // commit appends c to the log under the sync policy and applies it to the
@@ -1007,7 +1060,7 @@ func (l *storeLog) compact(ctx context.Context) error {
 			}
 			return fmt.Errorf("micro: store: compacting: %w", err)
 		}
-		if _, err := l.record(buf, it.loc, it.table, it.key, now, false); err != nil {
+		if err := l.record(new(Record), buf, it.loc, it.table, it.key, now, nil); err != nil {
 			return err // never copy a damaged record
 		}
 		if _, err := w.Write(buf); err != nil {
@@ -1194,9 +1247,13 @@ var (
 )
 
 // storeDecode decodes the record at the start of b and returns it and its
-// size. It checks the length, the layout and the checksum; it never panics
-// on any input.
-func storeDecode(b []byte) (r storeRaw, n int, err error) {
+// size. It checks the length, the layout, that the text is UTF-8, and the
+// checksum; it never panics on any input.
+func storeDecode(b []byte) (r storeRaw, n int, err error) { return storeDecodeRecord(b, true) }
+
+// storeDecodeRecord is storeDecode; without strict it skips the UTF-8
+// checks, for reads that compare the key and table with those asked for.
+func storeDecodeRecord(b []byte, strict bool) (r storeRaw, n int, err error) {
 	if len(b) < storeHeadLen {
 		return r, 0, errStoreShort
 	}
@@ -1217,10 +1274,11 @@ func storeDecode(b []byte) (r storeRaw, n int, err error) {
 	r.expires = int64(binary.LittleEndian.Uint64(body[1:9]))
 	rest := body[9:]
 	var ok bool
-	if r.table, rest, ok = storeField(rest); !ok || len(r.table) > storeMaxTable || !utf8.Valid(r.table) || bytes.IndexByte(r.table, 0) >= 0 {
+	if r.table, rest, ok = storeField(rest); !ok || len(r.table) > storeMaxTable ||
+		strict && (!utf8.Valid(r.table) || bytes.IndexByte(r.table, 0) >= 0) {
 		return r, 0, errStoreShape
 	}
-	if r.key, rest, ok = storeField(rest); !ok || len(r.key) == 0 || len(r.key) > storeMaxKey || !utf8.Valid(r.key) {
+	if r.key, rest, ok = storeField(rest); !ok || len(r.key) == 0 || len(r.key) > storeMaxKey || strict && !utf8.Valid(r.key) {
 		return r, 0, errStoreShape
 	}
 	nmeta, k := binary.Uvarint(rest)
@@ -1231,7 +1289,7 @@ func storeDecode(b []byte) (r storeRaw, n int, err error) {
 	meta := rest
 	for range 2 * nmeta { // keys and values
 		var f []byte
-		if f, rest, ok = storeField(rest); !ok || !utf8.Valid(f) {
+		if f, rest, ok = storeField(rest); !ok || strict && !utf8.Valid(f) {
 			return r, 0, errStoreShape
 		}
 	}

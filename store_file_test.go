@@ -698,3 +698,53 @@ func FuzzStoreReplay(f *testing.F) {
 		}
 	})
 }
+
+// BenchmarkFileStoreRead reads random keys of 100,000 (100 B values) from
+// one goroutine.
+func BenchmarkFileStoreRead(b *testing.B) {
+	s, err := NewFileStore(b.TempDir(), SyncInterval(time.Hour))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer s.Close()
+	ctx := context.Background()
+	const n = 100_000
+	keys := make([]string, n)
+	for i := range keys {
+		keys[i] = fmt.Sprintf("k%06d", i)
+		if err := s.Write(ctx, &Record{Key: keys[i], Value: make([]byte, 100)}); err != nil {
+			b.Fatal(err)
+		}
+	}
+	rng := rand.New(rand.NewPCG(1, 2))
+	b.ReportAllocs()
+	b.ResetTimer()
+	for range b.N {
+		if _, err := s.Read(ctx, keys[rng.IntN(n)]); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkFileStoreReadPrefix reads 1,000 records (100 B values) by prefix.
+func BenchmarkFileStoreReadPrefix(b *testing.B) {
+	s, err := NewFileStore(b.TempDir(), SyncInterval(time.Hour))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer s.Close()
+	ctx := context.Background()
+	for i := range 100_000 {
+		if err := s.Write(ctx, &Record{Key: fmt.Sprintf("k%06d", i), Value: make([]byte, 100)}); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := range b.N {
+		recs, err := s.Read(ctx, fmt.Sprintf("k%03d", i%100), ReadPrefix())
+		if err != nil || len(recs) != 1000 {
+			b.Fatal(len(recs), err)
+		}
+	}
+}

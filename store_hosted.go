@@ -5,6 +5,7 @@ import (
 	"errors"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 )
 
 // RegisterStore serves st on s as the endpoints Store.Read, Store.Write,
@@ -51,9 +52,12 @@ func NewRemoteStore(client *Client, service string, opts ...CallOption) *RemoteS
 
 // Read calls Store.Read.
 func (s *RemoteStore) Read(ctx context.Context, key string, opts ...ReadOption) ([]*Record, error) {
-	q, _, err := storeReadQuery(key, opts) // checked here: JSON would mangle what is not UTF-8
+	q, exact, err := storeReadQuery(key, opts)
 	if err != nil {
 		return nil, err
+	}
+	if exact && !utf8.ValidString(key) { // JSON would mangle it; it cannot have been written
+		return nil, storeNotFound(key)
 	}
 	req := &storeReadRequest{Key: key, Prefix: q.isPrefix, Suffix: q.isSuffix, Limit: q.limit, Offset: q.offset,
 		Database: q.db, Table: q.table}

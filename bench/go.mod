@@ -7,6 +7,7 @@ require (
 	github.com/micro-kit/micro v0.0.0
 	github.com/nats-io/nats-server/v2 v2.12.3
 	github.com/nats-io/nats.go v1.48.0
+	go.etcd.io/bbolt v1.4.3
 	google.golang.org/grpc v1.80.0
 	google.golang.org/protobuf v1.36.12
 )
