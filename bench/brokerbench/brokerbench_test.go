@@ -13,7 +13,7 @@ func TestRunTiny(t *testing.T) {
 	results, err := Run(context.Background(), Config{
 		Payloads: []int{64},
 		InFlight: []int{1, 4},
-		Duration: 50 * time.Millisecond,
+		Duration: 300 * time.Millisecond, // 50 ms saw NATS queue rows deliver nothing under -race
 		Warmup:   -1,
 		Rounds:   1,
 	})
