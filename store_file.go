@@ -30,7 +30,8 @@ import (
 // delete). An ordered index in memory maps each key to its record's place in
 // the log; reads find the key there and copy the record from the file
 // through a read-only memory mapping (or pread where there is none), and
-// verify its checksum, so they never wait for a writer's fsync.
+// verify its checksum, so they never wait for a writer's fsync. The values
+// of one range read share one allocation (each capped at its length).
 //
 // On open, each log is replayed and every checksum verified. An unfinished
 // write at the end (a torn tail) is cut off and reported by
@@ -673,9 +674,12 @@ type storeReadBox struct {
 	out [1]*Record
 }
 
-// get reads one record.
+// get reads one record. It looks the key up with peek, which does not
+// compare keys; if the entry it finds proves to be another key's (the two
+// hash alike) or has expired, it looks again with the keys compared.
 func (l *storeLog) get(table, key string) ([]*Record, error) {
 	var now int64 // read from the clock only for a record with an expiry
+	peeked := true
 	for {
 		l.mu.RLock()
 		if l.closed {
@@ -684,11 +688,19 @@ func (l *storeLog) get(table, key string) ([]*Record, error) {
 		}
 		loc, ok := storeLoc{}, false
 		if idx := l.tables[table]; idx != nil {
-			loc, ok = idx.get(key)
+			if peeked {
+				loc, ok = idx.peek(key)
+			} else {
+				loc, ok = idx.get(key)
+			}
 		}
 		if ok && loc.expires != 0 {
 			now = l.fs.opts.now().UnixNano()
-			ok = storeLive(loc.expires, now)
+			if ok = storeLive(loc.expires, now); !ok && peeked {
+				l.mu.RUnlock()
+				peeked = false
+				continue
+			}
 		}
 		if !ok {
 			l.mu.RUnlock()
@@ -696,63 +708,54 @@ func (l *storeLog) get(table, key string) ([]*Record, error) {
 		}
 		box := new(storeReadBox)
 		box.out[0] = &box.rec
+		var err error
 		if loc.end() <= int64(len(l.mapped)) {
-			err := l.record(&box.rec, l.mapped[loc.off:loc.end()], loc, table, key, now, nil)
+			err = l.record(&box.rec, l.mapped[loc.off:loc.end()], loc, table, key, now, nil, peeked)
 			l.mu.RUnlock()
-			if err != nil {
-				return nil, err
+		} else {
+			f := l.f
+			l.mu.RUnlock()
+			buf := make([]byte, loc.size)
+			if _, err := f.ReadAt(buf, loc.off); err != nil {
+				if errors.Is(err, os.ErrClosed) {
+					continue // a compaction swapped the file: look again
+				}
+				return nil, fmt.Errorf("micro: store: reading %s: %w", l.path, err)
 			}
-			return box.out[:], nil
+			err = l.record(&box.rec, buf, loc, table, key, now, nil, peeked)
 		}
-		f := l.f
-		l.mu.RUnlock()
-		buf := make([]byte, loc.size)
-		if _, err := f.ReadAt(buf, loc.off); err != nil {
-			if errors.Is(err, os.ErrClosed) {
-				continue // a compaction swapped the file: look again
-			}
-			return nil, fmt.Errorf("micro: store: reading %s: %w", l.path, err)
-		}
-		if err := l.record(&box.rec, buf, loc, table, key, now, nil); err != nil {
+		switch {
+		case err == errStoreOther:
+			peeked = false
+			continue
+		case err != nil:
 			return nil, err
 		}
 		return box.out[:], nil
 	}
 }
 
-// storeArena hands out copies of small values from shared blocks, so that
-// a read of many records allocates a few blocks rather than a slice each.
-// Each copy is capped at its length: appending to one never writes into
-// another.
+// storeArena hands out copies of values from one buffer, made large enough
+// for all of a scan's, so that a read of many records allocates once. Each
+// copy is capped at its length: appending to one never writes into another.
 type storeArena struct{ buf []byte }
 
 func (a *storeArena) copy(v []byte) []byte {
-	switch {
-	case len(v) == 0:
+	if len(v) == 0 {
 		return nil
-	case len(v) > 2048:
-		return append([]byte(nil), v...)
 	}
-	if cap(a.buf)-len(a.buf) < len(v) {
-		a.buf = make([]byte, 0, 16<<10)
+	if cap(a.buf)-len(a.buf) < len(v) { // cannot be: the buffer is sized for the records
+		return append([]byte(nil), v...)
 	}
 	n := len(a.buf)
 	a.buf = append(a.buf, v...)
 	return a.buf[n:len(a.buf):len(a.buf)]
 }
 
-// storeRecords hands out Records from shared blocks.
-type storeRecords struct{ block []Record }
-
-func (b *storeRecords) next() *Record {
-	if len(b.block) == cap(b.block) {
-		b.block = make([]Record, 0, 32)
-	}
-	b.block = b.block[:len(b.block)+1]
-	return &b.block[len(b.block)-1]
-}
-
-// scan reads the records q selects.
+// scan reads the records q selects. It finds them in the index, then
+// decodes them from the mapping under the same read lock, or, past the
+// mapping, reads them with pread after releasing it. The records, and the
+// values, of one scan share one allocation each.
 func (l *storeLog) scan(q *storeQuery, now int64) ([]*Record, error) {
 	type hit struct {
 		key string
@@ -765,35 +768,35 @@ func (l *storeLog) scan(q *storeQuery, now int64) ([]*Record, error) {
 			return nil, ErrClosed
 		}
 		var hits []hit
-		var recs []*Record
-		var err error
-		var arena storeArena
-		var alloc storeRecords
+		var total int64
 		mapped := true
 		storeScan(l.tables[q.table], q, func(v storeLoc) bool { return storeLive(v.expires, now) }, func(k string, v storeLoc) {
-			if err != nil {
-				return
-			}
-			if mapped && v.end() <= int64(len(l.mapped)) {
-				r := alloc.next()
-				err = l.record(r, l.mapped[v.off:v.end()], v, q.table, k, now, &arena)
-				recs = append(recs, r)
-				return
-			}
-			mapped = false
 			hits = append(hits, hit{k, v})
+			total += int64(v.size)
+			mapped = mapped && v.end() <= int64(len(l.mapped))
 		})
+		recs := make([]*Record, len(hits))
+		block := make([]Record, len(hits))
+		arena := storeArena{buf: make([]byte, 0, total)}
+		for i := range recs {
+			recs[i] = &block[i]
+		}
+		if mapped {
+			for i, h := range hits {
+				if err := l.record(recs[i], l.mapped[h.loc.off:h.loc.end()], h.loc, q.table, h.key, now, &arena, false); err != nil {
+					l.mu.RUnlock()
+					return nil, err
+				}
+			}
+			l.mu.RUnlock()
+			return recs, nil
+		}
 		f := l.f
 		l.mu.RUnlock()
-		if err != nil {
-			return nil, err
-		}
-		if recs == nil {
-			recs = make([]*Record, 0, len(hits))
-		}
 		retry := false
-		for _, h := range hits {
-			buf := make([]byte, h.loc.size)
+		var buf []byte
+		for i, h := range hits {
+			buf = slices.Grow(buf[:0], int(h.loc.size))[:h.loc.size]
 			if _, err := f.ReadAt(buf, h.loc.off); err != nil {
 				if errors.Is(err, os.ErrClosed) {
 					retry = true
@@ -801,11 +804,9 @@ func (l *storeLog) scan(q *storeQuery, now int64) ([]*Record, error) {
 				}
 				return nil, fmt.Errorf("micro: store: reading %s: %w", l.path, err)
 			}
-			r := alloc.next()
-			if err := l.record(r, buf, h.loc, q.table, h.key, now, nil); err != nil {
+			if err := l.record(recs[i], buf, h.loc, q.table, h.key, now, &arena, false); err != nil {
 				return nil, err
 			}
-			recs = append(recs, r)
 		}
 		if !retry {
 			return recs, nil
@@ -816,10 +817,14 @@ func (l *storeLog) scan(q *storeQuery, now int64) ([]*Record, error) {
 // record decodes into r the record the index placed at loc, checking that
 // it is intact and is the one asked for. The value is copied out of b (a
 // mapping, or a buffer the caller may reuse): into the arena if one is
-// given. now matters only for a record with an expiry.
-func (l *storeLog) record(r *Record, b []byte, loc storeLoc, table, key string, now int64, arena *storeArena) error {
+// given. now matters only for a record with an expiry. If the index entry
+// was found by peek, an intact record of another key is errStoreOther.
+func (l *storeLog) record(r *Record, b []byte, loc storeLoc, table, key string, now int64, arena *storeArena, peeked bool) error {
 	raw, n, err := storeDecodeRecord(b, false)
 	if err == nil && (n != len(b) || raw.tomb || string(raw.table) != table || string(raw.key) != key) {
+		if peeked && n == len(b) && !raw.tomb && string(raw.table) == table {
+			return errStoreOther // another key that hashes alike
+		}
 		err = errors.New("the record there is another one")
 	}
 	if err != nil {
@@ -1060,7 +1065,7 @@ func (l *storeLog) compact(ctx context.Context) error {
 			}
 			return fmt.Errorf("micro: store: compacting: %w", err)
 		}
-		if err := l.record(new(Record), buf, it.loc, it.table, it.key, now, nil); err != nil {
+		if err := l.record(new(Record), buf, it.loc, it.table, it.key, now, nil, false); err != nil {
 			return err // never copy a damaged record
 		}
 		if _, err := w.Write(buf); err != nil {
@@ -1244,6 +1249,7 @@ var (
 	errStoreShort = errors.New("the record runs past the end of the log")
 	errStoreCRC   = errors.New("checksum mismatch")
 	errStoreShape = errors.New("malformed record")
+	errStoreOther = errors.New("the record is another key's")
 )
 
 // storeDecode decodes the record at the start of b and returns it and its
