@@ -389,7 +389,8 @@ func storeNamespace(db, table string) (string, string) {
 }
 
 // storeCheckNamespace checks a database name (a directory name in a file
-// store: ASCII letters, digits, '.', '_' and '-', not starting with '.') and
+// store: ASCII letters, digits, '.', '_' and '-', not starting with '.';
+// a FileStore also refuses two that differ only in case) and
 // a table name (UTF-8 but NUL).
 func storeCheckNamespace(db, table string) error {
 	if len(db) > storeMaxTable || db[0] == '.' {
@@ -708,6 +709,7 @@ type storeIndex[V any] struct {
 	n      int
 	slots  []storeSlot[V] // the same entries in a hash table, for lookups of one key
 	seed   maphash.Seed
+	plain  bool // no hash table: lookups search the chunks
 }
 
 // storeSlot is an entry of the hash table: open addressing with linear
@@ -759,32 +761,18 @@ func (x *storeIndex[V]) get(key string) (v V, ok bool) {
 	if x.n == 0 {
 		return v, false
 	}
+	if x.plain {
+		ci, i, ok := x.find(key)
+		if !ok {
+			return v, false
+		}
+		return x.chunks[ci].vals[i], true
+	}
 	i, ok := x.slot(key, x.hash(key))
 	if !ok {
 		return v, false
 	}
 	return x.slots[i].v, true
-}
-
-// peek returns the value of the first entry whose key hashes as key's
-// does, without comparing the keys, which would cost a cache miss: the
-// caller checks that the value is key's (a file store reads the key in the
-// record) and calls get if not.
-func (x *storeIndex[V]) peek(key string) (v V, ok bool) {
-	if x.n == 0 {
-		return v, false
-	}
-	h := x.hash(key)
-	mask := len(x.slots) - 1
-	for i := int(h) & mask; ; i = (i + 1) & mask {
-		s := &x.slots[i]
-		switch s.h {
-		case 0:
-			return v, false
-		case h:
-			return s.v, true
-		}
-	}
 }
 
 func (x *storeIndex[V]) hash(key string) uint64 {
@@ -808,6 +796,9 @@ func (x *storeIndex[V]) slot(key string, h uint64) (int, bool) {
 // hashSet stores v under key in the hash table, growing it to keep it at
 // most 3/4 full.
 func (x *storeIndex[V]) hashSet(key string, v V) {
+	if x.plain {
+		return
+	}
 	if len(x.slots) == 0 {
 		x.seed = maphash.MakeSeed()
 		x.slots = make([]storeSlot[V], 16)
@@ -830,6 +821,9 @@ func (x *storeIndex[V]) hashSet(key string, v V) {
 // hashDelete removes key from the hash table, shifting back the entries
 // after it that probed past its slot.
 func (x *storeIndex[V]) hashDelete(key string) {
+	if x.plain {
+		return
+	}
 	i, ok := x.slot(key, x.hash(key))
 	if !ok {
 		return

@@ -9,11 +9,13 @@ import (
 	"errors"
 	"fmt"
 	"hash/crc32"
+	"hash/maphash"
 	"io"
 	"maps"
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -30,8 +32,9 @@ import (
 // delete). An ordered index in memory maps each key to its record's place in
 // the log; reads find the key there and copy the record from the file
 // through a read-only memory mapping (or pread where there is none), and
-// verify its checksum, so they never wait for a writer's fsync. The values
-// of one range read share one allocation (each capped at its length).
+// verify its checksum, so they never wait for a writer's fsync. The small
+// values of one range read share blocks of 32 KiB (each capped at its
+// length).
 //
 // On open, each log is replayed and every checksum verified. An unfinished
 // write at the end (a torn tail) is cut off and reported by
@@ -299,7 +302,7 @@ func (s *FileStore) List(ctx context.Context, opts ...ListOption) ([]string, err
 	if l.closed {
 		return nil, ErrClosed
 	}
-	storeScan(l.tables[q.table], &q, func(v storeLoc) bool { return storeLive(v.expires, now) },
+	storeScan(l.tables[q.table].ordered(), &q, func(v storeLoc) bool { return storeLive(v.expires, now) },
 		func(k string, _ storeLoc) { keys = append(keys, k) })
 	return keys, nil
 }
@@ -373,6 +376,11 @@ func (s *FileStore) log(db string, create bool) (*storeLog, error) {
 	if l := dbs[db]; l != nil {
 		return l, nil
 	}
+	for other := range dbs {
+		if strings.EqualFold(other, db) { // one directory on a case-insensitive file system
+			return nil, Errorf(CodeInvalidArgument, "micro: store: database %q differs from %q only in case", db, other)
+		}
+	}
 	l, err := s.openLog(db)
 	if err != nil {
 		return nil, err
@@ -419,7 +427,7 @@ type storeLog struct {
 	noMap  bool   // mapping is off or failed
 	size   int64  // end of the last committed record
 	live   int64  // bytes of the records the index points at
-	tables map[string]*storeIndex[storeLoc]
+	tables map[string]*storeTable
 	expiry storeExpiryHeap
 	closed bool
 
@@ -429,6 +437,152 @@ type storeLog struct {
 
 	compacting atomic.Bool
 	dirty      atomic.Bool // written since the last sync (SyncInterval)
+}
+
+// storeTable is one table's index in a file store: the ordered chunks
+// (without a hash table of their own, whose keys the garbage collector
+// would scan) for walks, and a hash table of key hashes and record places,
+// which holds no pointers, for reads of one key.
+type storeTable struct {
+	storeIndex[storeLoc]
+	hash storeLocHash
+}
+
+func newStoreTable() *storeTable {
+	t := &storeTable{}
+	t.plain = true
+	t.hash.seed = maphash.MakeSeed()
+	return t
+}
+
+// ordered returns the ordered index, nil for a table that does not exist.
+func (t *storeTable) ordered() *storeIndex[storeLoc] {
+	if t == nil {
+		return nil
+	}
+	return &t.storeIndex
+}
+
+func (t *storeTable) set(key string, loc storeLoc) (old storeLoc, had bool) {
+	old, had = t.storeIndex.set(key, loc)
+	h := t.hash.sum(key)
+	if had {
+		t.hash.replace(h, old.off, loc)
+	} else {
+		t.hash.insert(h, loc)
+	}
+	return old, had
+}
+
+func (t *storeTable) delete(key string) (old storeLoc, had bool) {
+	old, had = t.storeIndex.delete(key)
+	if had {
+		t.hash.remove(t.hash.sum(key), old.off)
+	}
+	return old, had
+}
+
+// peek returns the place of the first record whose key hashes as key's
+// does, without comparing keys (which would cost a cache miss): the reader
+// checks the key in the record, and calls get if it is another's.
+func (t *storeTable) peek(key string) (storeLoc, bool) {
+	return t.hash.peek(t.hash.sum(key))
+}
+
+// storeLocHash maps key hashes to record places: open addressing with
+// linear probing, at most 3/4 full. Two keys may hash alike; a record's
+// offset, unique in a log, tells their slots apart.
+type storeLocHash struct {
+	slots []storeLocSlot
+	n     int
+	seed  maphash.Seed
+}
+
+type storeLocSlot struct {
+	h   uint64 // 0: empty
+	loc storeLoc
+}
+
+func (t *storeLocHash) sum(key string) uint64 { return maphash.String(t.seed, key) | 1 }
+
+func (t *storeLocHash) peek(h uint64) (storeLoc, bool) {
+	if t.n == 0 {
+		return storeLoc{}, false
+	}
+	mask := len(t.slots) - 1
+	for i := int(h) & mask; ; i = (i + 1) & mask {
+		switch t.slots[i].h {
+		case 0:
+			return storeLoc{}, false
+		case h:
+			return t.slots[i].loc, true
+		}
+	}
+}
+
+// at returns the slot of the record at off whose key hashes to h.
+func (t *storeLocHash) at(h uint64, off int64) (int, bool) {
+	if t.n == 0 {
+		return 0, false
+	}
+	mask := len(t.slots) - 1
+	for i := int(h) & mask; ; i = (i + 1) & mask {
+		s := &t.slots[i]
+		if s.h == 0 {
+			return 0, false
+		}
+		if s.h == h && s.loc.off == off {
+			return i, true
+		}
+	}
+}
+
+func (t *storeLocHash) insert(h uint64, loc storeLoc) {
+	if (t.n+1)*4 > len(t.slots)*3 {
+		old := t.slots
+		t.slots = make([]storeLocSlot, max(16, 2*len(old)))
+		for _, s := range old {
+			if s.h != 0 {
+				t.put(s)
+			}
+		}
+	}
+	t.put(storeLocSlot{h, loc})
+	t.n++
+}
+
+func (t *storeLocHash) put(s storeLocSlot) {
+	mask := len(t.slots) - 1
+	i := int(s.h) & mask
+	for t.slots[i].h != 0 {
+		i = (i + 1) & mask
+	}
+	t.slots[i] = s
+}
+
+func (t *storeLocHash) replace(h uint64, off int64, loc storeLoc) {
+	if i, ok := t.at(h, off); ok {
+		t.slots[i].loc = loc
+	}
+}
+
+// remove empties the slot of the record at off, shifting back the entries
+// after it that probed past it.
+func (t *storeLocHash) remove(h uint64, off int64) {
+	i, ok := t.at(h, off)
+	if !ok {
+		return
+	}
+	mask := len(t.slots) - 1
+	for j := (i + 1) & mask; t.slots[j].h != 0; j = (j + 1) & mask {
+		home := int(t.slots[j].h) & mask
+		if i <= j && (home <= i || home > j) || i > j && home <= i && home > j {
+			t.slots[i] = t.slots[j]
+			i = j
+		}
+	}
+	t.slots[i] = storeLocSlot{}
+	t.n--
 }
 
 // storeLoc is where a record lies in the log.
@@ -455,7 +609,7 @@ type storeCommit struct {
 // openLog opens (creating) the database's directory and log and replays it.
 func (s *FileStore) openLog(db string) (*storeLog, error) {
 	dir := filepath.Join(s.dir, db)
-	l := &storeLog{fs: s, db: db, dir: dir, path: filepath.Join(dir, storeLogName), tables: map[string]*storeIndex[storeLoc]{}}
+	l := &storeLog{fs: s, db: db, dir: dir, path: filepath.Join(dir, storeLogName), tables: map[string]*storeTable{}}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("micro: store: %w", err)
 	}
@@ -602,13 +756,13 @@ func (l *storeLog) apply(r *storeRaw, off int64, n int, now int64) {
 		if r.tomb {
 			return
 		}
-		idx = &storeIndex[storeLoc]{}
+		idx = newStoreTable()
 		l.tables[string(r.table)] = idx
 	}
 	l.applyKey(idx, string(r.table), string(r.key), r.tomb, storeLoc{off: off, size: uint32(n), expires: r.expires}, now)
 }
 
-func (l *storeLog) applyKey(idx *storeIndex[storeLoc], table, key string, tomb bool, loc storeLoc, now int64) {
+func (l *storeLog) applyKey(idx *storeTable, table, key string, tomb bool, loc storeLoc, now int64) {
 	var old storeLoc
 	var had bool
 	if tomb || !storeLive(loc.expires, now) {
@@ -735,31 +889,48 @@ func (l *storeLog) get(table, key string) ([]*Record, error) {
 	}
 }
 
-// storeArena hands out copies of values from one buffer, made large enough
-// for all of a scan's, so that a read of many records allocates once. Each
-// copy is capped at its length: appending to one never writes into another.
+// storeArena hands out copies of small values from shared blocks, so that
+// a read of many records allocates a few blocks rather than a slice each.
+// Each copy is capped at its length: appending to one never writes into
+// another. Keeping one value keeps its block (32 KiB at most) alive.
 type storeArena struct{ buf []byte }
 
 func (a *storeArena) copy(v []byte) []byte {
-	if len(v) == 0 {
+	switch {
+	case len(v) == 0:
 		return nil
-	}
-	if cap(a.buf)-len(a.buf) < len(v) { // cannot be: the buffer is sized for the records
+	case len(v) > 4096:
 		return append([]byte(nil), v...)
+	}
+	if cap(a.buf)-len(a.buf) < len(v) {
+		a.buf = make([]byte, 0, 32<<10)
 	}
 	n := len(a.buf)
 	a.buf = append(a.buf, v...)
 	return a.buf[n:len(a.buf):len(a.buf)]
 }
 
-// scan reads the records q selects. It finds them in the index, then
-// decodes them from the mapping under the same read lock, or, past the
-// mapping, reads them with pread after releasing it. The records, and the
-// values, of one scan share one allocation each.
+// storeRecords hands out Records from shared blocks.
+type storeRecords struct{ block []Record }
+
+func (b *storeRecords) next() *Record {
+	if len(b.block) == cap(b.block) {
+		b.block = make([]Record, 0, 64)
+	}
+	b.block = b.block[:len(b.block)+1]
+	return &b.block[len(b.block)-1]
+}
+
+// scan reads the records q selects: those in the mapping are decoded under
+// the index's read lock as they are found, the rest (past the mapping, or
+// all without one) are read with pread after it is released. Records and
+// small values are carved from shared blocks, to spare the garbage
+// collector a thousand small objects.
 func (l *storeLog) scan(q *storeQuery, now int64) ([]*Record, error) {
 	type hit struct {
 		key string
 		loc storeLoc
+		rec *Record
 	}
 	for {
 		l.mu.RLock()
@@ -767,35 +938,32 @@ func (l *storeLog) scan(q *storeQuery, now int64) ([]*Record, error) {
 			l.mu.RUnlock()
 			return nil, ErrClosed
 		}
+		recs := []*Record{}
 		var hits []hit
-		var total int64
-		mapped := true
-		storeScan(l.tables[q.table], q, func(v storeLoc) bool { return storeLive(v.expires, now) }, func(k string, v storeLoc) {
-			hits = append(hits, hit{k, v})
-			total += int64(v.size)
-			mapped = mapped && v.end() <= int64(len(l.mapped))
-		})
-		recs := make([]*Record, len(hits))
-		block := make([]Record, len(hits))
-		arena := storeArena{buf: make([]byte, 0, total)}
-		for i := range recs {
-			recs[i] = &block[i]
-		}
-		if mapped {
-			for i, h := range hits {
-				if err := l.record(recs[i], l.mapped[h.loc.off:h.loc.end()], h.loc, q.table, h.key, now, &arena, false); err != nil {
-					l.mu.RUnlock()
-					return nil, err
-				}
+		var arena storeArena
+		var alloc storeRecords
+		var err error
+		mapped := l.mapped
+		storeScan(l.tables[q.table].ordered(), q, func(v storeLoc) bool { return storeLive(v.expires, now) }, func(k string, v storeLoc) {
+			if err != nil {
+				return
 			}
-			l.mu.RUnlock()
-			return recs, nil
-		}
+			r := alloc.next()
+			recs = append(recs, r)
+			if v.end() <= int64(len(mapped)) {
+				err = l.record(r, mapped[v.off:v.end()], v, q.table, k, now, &arena, false)
+				return
+			}
+			hits = append(hits, hit{k, v, r})
+		})
 		f := l.f
 		l.mu.RUnlock()
+		if err != nil {
+			return nil, err
+		}
 		retry := false
 		var buf []byte
-		for i, h := range hits {
+		for _, h := range hits {
 			buf = slices.Grow(buf[:0], int(h.loc.size))[:h.loc.size]
 			if _, err := f.ReadAt(buf, h.loc.off); err != nil {
 				if errors.Is(err, os.ErrClosed) {
@@ -804,7 +972,7 @@ func (l *storeLog) scan(q *storeQuery, now int64) ([]*Record, error) {
 				}
 				return nil, fmt.Errorf("micro: store: reading %s: %w", l.path, err)
 			}
-			if err := l.record(recs[i], buf, h.loc, q.table, h.key, now, &arena, false); err != nil {
+			if err := l.record(h.rec, buf, h.loc, q.table, h.key, now, &arena, false); err != nil {
 				return nil, err
 			}
 		}
@@ -959,7 +1127,7 @@ func (l *storeLog) write(batch []*storeCommit, sync bool) {
 	for _, c := range batch {
 		idx := l.tables[c.table]
 		if idx == nil {
-			idx = &storeIndex[storeLoc]{}
+			idx = newStoreTable()
 			l.tables[c.table] = idx
 		}
 		l.applyKey(idx, c.table, c.key, c.tomb, storeLoc{off: c.off, size: uint32(len(c.buf)), expires: c.expires}, now)
@@ -1046,7 +1214,7 @@ func (l *storeLog) compact(ctx context.Context) error {
 	w := bufio.NewWriterSize(nf, 1<<20)
 	w.Write(storeMagic[:])
 	off := int64(storeFileHeader)
-	tables := map[string]*storeIndex[storeLoc]{}
+	tables := map[string]*storeTable{}
 	var live int64
 	var expiry storeExpiryHeap
 	now := l.fs.opts.now().UnixNano()
@@ -1073,7 +1241,7 @@ func (l *storeLog) compact(ctx context.Context) error {
 		}
 		idx := tables[it.table]
 		if idx == nil {
-			idx = &storeIndex[storeLoc]{}
+			idx = newStoreTable()
 			tables[it.table] = idx
 		}
 		loc := storeLoc{off: off, size: it.loc.size, expires: it.loc.expires}

@@ -60,6 +60,8 @@ func TestFileStoreReopens(t *testing.T) {
 	assertNoError(t, s.Delete(ctx, "k001"))
 	assertNoError(t, s.Write(ctx, &Record{Key: "ttl", Value: []byte("t")}, WriteTTL(time.Minute)))
 	assertNoError(t, s.Write(ctx, &Record{Key: "k", Value: []byte("db2")}, WriteTo("second", "tab")))
+	// One directory on a case-insensitive file system: refused everywhere.
+	assertCode(t, s.Write(ctx, &Record{Key: "k"}, WriteTo("Second", "tab")), CodeInvalidArgument)
 	assertNoError(t, s.Close())
 
 	s = testOpenFile(t, dir, storeClock(clock.Now))
