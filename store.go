@@ -24,7 +24,9 @@ import (
 //
 // Implementations must be safe for concurrent use by any number of
 // goroutines. Records passed to Write and returned by Read are copied: the
-// caller keeps ownership of what it passed and owns what it got.
+// caller keeps ownership of what it passed and owns what it got. A method
+// called with a context that has ended returns its error and does nothing;
+// a write under way when the context ends still completes.
 type Store interface {
 	// Read returns the record with the key, or an error wrapping
 	// ErrNotFound. With ReadPrefix or ReadSuffix, it returns the records
@@ -504,6 +506,9 @@ func NewMemoryStore(opts ...StoreOption) *MemoryStore {
 // Read returns the record with the key, or with ReadPrefix / ReadSuffix
 // every record that matches.
 func (s *MemoryStore) Read(ctx context.Context, key string, opts ...ReadOption) ([]*Record, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
 	q, exact, err := storeReadQuery(key, opts)
 	if err != nil {
 		return nil, err
@@ -540,6 +545,9 @@ func (v *storeMemRecord) record(key string, now int64) *Record {
 
 // Write stores a copy of r.
 func (s *MemoryStore) Write(ctx context.Context, r *Record, opts ...WriteOption) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
 	o, err := storeWriteOpts(r, opts)
 	if err != nil {
 		return err
@@ -573,6 +581,9 @@ func (s *MemoryStore) Write(ctx context.Context, r *Record, opts ...WriteOption)
 
 // Delete removes the record with the key.
 func (s *MemoryStore) Delete(ctx context.Context, key string, opts ...DeleteOption) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
 	q, err := storeDeleteQuery(key, opts)
 	if err != nil {
 		return err
@@ -617,6 +628,9 @@ func (s *MemoryStore) purge(now int64) {
 
 // List returns the keys the options select, in key order.
 func (s *MemoryStore) List(ctx context.Context, opts ...ListOption) ([]string, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
 	q, err := storeListQuery(opts)
 	if err != nil {
 		return nil, err

@@ -223,6 +223,9 @@ func (s *FileStore) Dir() string { return s.dir }
 // Read returns the record with the key, or with ReadPrefix / ReadSuffix
 // every record that matches.
 func (s *FileStore) Read(ctx context.Context, key string, opts ...ReadOption) ([]*Record, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
 	q, exact, err := storeReadQuery(key, opts)
 	if err != nil {
 		return nil, err
@@ -247,6 +250,9 @@ func (s *FileStore) Read(ctx context.Context, key string, opts ...ReadOption) ([
 // Write appends r to its database's log and returns once the sync policy is
 // met.
 func (s *FileStore) Write(ctx context.Context, r *Record, opts ...WriteOption) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
 	o, err := storeWriteOpts(r, opts)
 	if err != nil {
 		return err
@@ -266,6 +272,9 @@ func (s *FileStore) Write(ctx context.Context, r *Record, opts ...WriteOption) e
 
 // Delete appends a tombstone for the key, if it exists.
 func (s *FileStore) Delete(ctx context.Context, key string, opts ...DeleteOption) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
 	q, err := storeDeleteQuery(key, opts)
 	if err != nil {
 		return err
@@ -284,6 +293,9 @@ func (s *FileStore) Delete(ctx context.Context, key string, opts ...DeleteOption
 // List returns the keys the options select, in key order. It reads only
 // the index.
 func (s *FileStore) List(ctx context.Context, opts ...ListOption) ([]string, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
 	q, err := storeListQuery(opts)
 	if err != nil {
 		return nil, err

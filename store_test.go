@@ -245,6 +245,20 @@ func TestStoreWriteDeleteAndOwnership(t *testing.T) {
 			assertNoError(t, err)
 			assertEqual(t, strings.Join(keys, ","), bin)
 
+			// An ended context does nothing.
+			cctx, cancel := context.WithCancel(ctx)
+			cancel()
+			assertCode(t, s.Write(cctx, &Record{Key: "canceled"}), CodeCanceled)
+			assertCode(t, s.Delete(cctx, bin), CodeCanceled)
+			_, err = s.Read(cctx, bin)
+			assertCode(t, err, CodeCanceled)
+			_, err = s.List(cctx)
+			assertCode(t, err, CodeCanceled)
+			_, err = s.Read(ctx, "canceled")
+			if !errors.Is(err, ErrNotFound) {
+				t.Fatalf("a write with an ended context happened: %v", err)
+			}
+
 			// Bad input is invalid_argument.
 			assertCode(t, s.Write(ctx, &Record{Key: ""}), CodeInvalidArgument)
 			assertCode(t, s.Write(ctx, &Record{Key: strings.Repeat("k", storeMaxKey+1)}), CodeInvalidArgument)
