@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"time"
 
 	"github.com/micro-kit/micro"
@@ -188,4 +189,47 @@ func ExampleRegisterSubscriber() {
 	// welcome mail to ada
 	// 1 <nil>
 	// 0 <nil>
+}
+
+// A file store keeps records across restarts; a prefix read returns them in
+// key order.
+func ExampleFileStore() {
+	dir, err := os.MkdirTemp("", "store")
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	defer os.RemoveAll(dir)
+	ctx := context.Background()
+
+	store, err := micro.NewFileStore(dir) // fsync per write; micro.SyncGroupCommit() for many writers
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	for _, k := range []string{"user/2", "user/1", "order/9"} {
+		store.Write(ctx, &micro.Record{Key: k, Value: []byte("value of " + k)})
+	}
+	store.Write(ctx, &micro.Record{Key: "session/x", Value: []byte("t")}, micro.WriteTTL(time.Hour))
+	store.Close()
+
+	store, err = micro.NewFileStore(dir) // reopened: replayed from the log
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	defer store.Close()
+	recs, _ := store.Read(ctx, "user/", micro.ReadPrefix())
+	for _, r := range recs {
+		fmt.Printf("%s: %s\n", r.Key, r.Value)
+	}
+	_, err = store.Read(ctx, "user/3")
+	fmt.Println(errors.Is(err, micro.ErrNotFound))
+	keys, _ := store.List(ctx, micro.ListLimit(2))
+	fmt.Println(keys)
+	// Output:
+	// user/1: value of user/1
+	// user/2: value of user/2
+	// true
+	// [order/9 session/x]
 }

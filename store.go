@@ -4,6 +4,7 @@ import (
 	"container/heap"
 	"context"
 	"fmt"
+	"hash/maphash"
 	"log/slog"
 	"maps"
 	"strings"
@@ -23,7 +24,9 @@ import (
 //
 // Implementations must be safe for concurrent use by any number of
 // goroutines. Records passed to Write and returned by Read are copied: the
-// caller keeps ownership of what it passed and owns what it got.
+// caller keeps ownership of what it passed and owns what it got. A method
+// called with a context that has ended returns its error and does nothing;
+// a write under way when the context ends still completes.
 type Store interface {
 	// Read returns the record with the key, or an error wrapping
 	// ErrNotFound. With ReadPrefix or ReadSuffix, it returns the records
@@ -388,7 +391,8 @@ func storeNamespace(db, table string) (string, string) {
 }
 
 // storeCheckNamespace checks a database name (a directory name in a file
-// store: ASCII letters, digits, '.', '_' and '-', not starting with '.') and
+// store: ASCII letters, digits, '.', '_' and '-', not starting with '.';
+// a FileStore also refuses two that differ only in case) and
 // a table name (UTF-8 but NUL).
 func storeCheckNamespace(db, table string) error {
 	if len(db) > storeMaxTable || db[0] == '.' {
@@ -502,6 +506,9 @@ func NewMemoryStore(opts ...StoreOption) *MemoryStore {
 // Read returns the record with the key, or with ReadPrefix / ReadSuffix
 // every record that matches.
 func (s *MemoryStore) Read(ctx context.Context, key string, opts ...ReadOption) ([]*Record, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
 	q, exact, err := storeReadQuery(key, opts)
 	if err != nil {
 		return nil, err
@@ -538,6 +545,9 @@ func (v *storeMemRecord) record(key string, now int64) *Record {
 
 // Write stores a copy of r.
 func (s *MemoryStore) Write(ctx context.Context, r *Record, opts ...WriteOption) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
 	o, err := storeWriteOpts(r, opts)
 	if err != nil {
 		return err
@@ -571,6 +581,9 @@ func (s *MemoryStore) Write(ctx context.Context, r *Record, opts ...WriteOption)
 
 // Delete removes the record with the key.
 func (s *MemoryStore) Delete(ctx context.Context, key string, opts ...DeleteOption) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
 	q, err := storeDeleteQuery(key, opts)
 	if err != nil {
 		return err
@@ -615,6 +628,9 @@ func (s *MemoryStore) purge(now int64) {
 
 // List returns the keys the options select, in key order.
 func (s *MemoryStore) List(ctx context.Context, opts ...ListOption) ([]string, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
 	q, err := storeListQuery(opts)
 	if err != nil {
 		return nil, err
@@ -705,7 +721,17 @@ func (h *storeExpiryHeap) purge(now int64, drop func(ns storeNS, key string, at 
 type storeIndex[V any] struct {
 	chunks []*storeChunk[V]
 	n      int
-	hash   map[string]V // the same entries, for lookups of one key
+	slots  []storeSlot[V] // the same entries in a hash table, for lookups of one key
+	seed   maphash.Seed
+	plain  bool // no hash table: lookups search the chunks
+}
+
+// storeSlot is an entry of the hash table: open addressing with linear
+// probing; h is 0 for an empty slot.
+type storeSlot[V any] struct {
+	h   uint64
+	key string
+	v   V
 }
 
 type storeChunk[V any] struct {
@@ -746,17 +772,93 @@ func (x *storeIndex[V]) find(key string) (ci, i int, found bool) {
 
 // get returns the value of key.
 func (x *storeIndex[V]) get(key string) (v V, ok bool) {
-	v, ok = x.hash[key]
-	return v, ok
+	if x.n == 0 {
+		return v, false
+	}
+	if x.plain {
+		ci, i, ok := x.find(key)
+		if !ok {
+			return v, false
+		}
+		return x.chunks[ci].vals[i], true
+	}
+	i, ok := x.slot(key, x.hash(key))
+	if !ok {
+		return v, false
+	}
+	return x.slots[i].v, true
+}
+
+func (x *storeIndex[V]) hash(key string) uint64 {
+	return maphash.String(x.seed, key) | 1 // never 0, the empty slot
+}
+
+// slot returns the slot of key, or the empty slot where it would go.
+func (x *storeIndex[V]) slot(key string, h uint64) (int, bool) {
+	mask := len(x.slots) - 1
+	for i := int(h) & mask; ; i = (i + 1) & mask {
+		s := &x.slots[i]
+		if s.h == 0 {
+			return i, false
+		}
+		if s.h == h && s.key == key {
+			return i, true
+		}
+	}
+}
+
+// hashSet stores v under key in the hash table, growing it to keep it at
+// most 3/4 full.
+func (x *storeIndex[V]) hashSet(key string, v V) {
+	if x.plain {
+		return
+	}
+	if len(x.slots) == 0 {
+		x.seed = maphash.MakeSeed()
+		x.slots = make([]storeSlot[V], 16)
+	}
+	if (x.n+1)*4 > len(x.slots)*3 {
+		old := x.slots
+		x.slots = make([]storeSlot[V], 2*len(old))
+		for _, s := range old {
+			if s.h != 0 {
+				i, _ := x.slot(s.key, s.h)
+				x.slots[i] = s
+			}
+		}
+	}
+	h := x.hash(key)
+	i, _ := x.slot(key, h)
+	x.slots[i] = storeSlot[V]{h, key, v}
+}
+
+// hashDelete removes key from the hash table, shifting back the entries
+// after it that probed past its slot.
+func (x *storeIndex[V]) hashDelete(key string) {
+	if x.plain {
+		return
+	}
+	i, ok := x.slot(key, x.hash(key))
+	if !ok {
+		return
+	}
+	mask := len(x.slots) - 1
+	for j := (i + 1) & mask; x.slots[j].h != 0; j = (j + 1) & mask {
+		home := int(x.slots[j].h) & mask
+		// The entry at j may move to the hole at i unless its home lies
+		// cyclically in (i, j].
+		if i <= j && (home <= i || home > j) || i > j && home <= i && home > j {
+			x.slots[i] = x.slots[j]
+			i = j
+		}
+	}
+	x.slots[i] = storeSlot[V]{}
 }
 
 // set stores v under key and returns the value it replaced.
 func (x *storeIndex[V]) set(key string, v V) (old V, had bool) {
-	if x.hash == nil {
-		x.hash = map[string]V{}
-	}
-	x.hash[key] = v
 	if len(x.chunks) == 0 {
+		x.hashSet(key, v)
 		x.chunks = []*storeChunk[V]{{keys: []string{key}, vals: []V{v}}}
 		x.n = 1
 		return old, false
@@ -766,8 +868,10 @@ func (x *storeIndex[V]) set(key string, v V) (old V, had bool) {
 	if found {
 		old = c.vals[i]
 		c.vals[i] = v
+		x.hashSet(key, v)
 		return old, true
 	}
+	x.hashSet(key, v) // before n grows: it sizes the table by n
 	c.keys = append(c.keys, "")
 	copy(c.keys[i+1:], c.keys[i:])
 	c.keys[i] = key
@@ -801,7 +905,7 @@ func (x *storeIndex[V]) delete(key string) (old V, had bool) {
 	if !found {
 		return old, false
 	}
-	delete(x.hash, key)
+	x.hashDelete(key)
 	c := x.chunks[ci]
 	old = c.vals[i]
 	c.keys = append(c.keys[:i], c.keys[i+1:]...)

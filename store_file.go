@@ -9,11 +9,13 @@ import (
 	"errors"
 	"fmt"
 	"hash/crc32"
+	"hash/maphash"
 	"io"
 	"maps"
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -30,7 +32,9 @@ import (
 // delete). An ordered index in memory maps each key to its record's place in
 // the log; reads find the key there and copy the record from the file
 // through a read-only memory mapping (or pread where there is none), and
-// verify its checksum, so they never wait for a writer's fsync.
+// verify its checksum, so they never wait for a writer's fsync. The small
+// values of one range read share blocks of 32 KiB (each capped at its
+// length).
 //
 // On open, each log is replayed and every checksum verified. An unfinished
 // write at the end (a torn tail) is cut off and reported by
@@ -219,6 +223,9 @@ func (s *FileStore) Dir() string { return s.dir }
 // Read returns the record with the key, or with ReadPrefix / ReadSuffix
 // every record that matches.
 func (s *FileStore) Read(ctx context.Context, key string, opts ...ReadOption) ([]*Record, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
 	q, exact, err := storeReadQuery(key, opts)
 	if err != nil {
 		return nil, err
@@ -243,6 +250,9 @@ func (s *FileStore) Read(ctx context.Context, key string, opts ...ReadOption) ([
 // Write appends r to its database's log and returns once the sync policy is
 // met.
 func (s *FileStore) Write(ctx context.Context, r *Record, opts ...WriteOption) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
 	o, err := storeWriteOpts(r, opts)
 	if err != nil {
 		return err
@@ -262,6 +272,9 @@ func (s *FileStore) Write(ctx context.Context, r *Record, opts ...WriteOption) e
 
 // Delete appends a tombstone for the key, if it exists.
 func (s *FileStore) Delete(ctx context.Context, key string, opts ...DeleteOption) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
 	q, err := storeDeleteQuery(key, opts)
 	if err != nil {
 		return err
@@ -280,6 +293,9 @@ func (s *FileStore) Delete(ctx context.Context, key string, opts ...DeleteOption
 // List returns the keys the options select, in key order. It reads only
 // the index.
 func (s *FileStore) List(ctx context.Context, opts ...ListOption) ([]string, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
 	q, err := storeListQuery(opts)
 	if err != nil {
 		return nil, err
@@ -298,7 +314,7 @@ func (s *FileStore) List(ctx context.Context, opts ...ListOption) ([]string, err
 	if l.closed {
 		return nil, ErrClosed
 	}
-	storeScan(l.tables[q.table], &q, func(v storeLoc) bool { return storeLive(v.expires, now) },
+	storeScan(l.tables[q.table].ordered(), &q, func(v storeLoc) bool { return storeLive(v.expires, now) },
 		func(k string, _ storeLoc) { keys = append(keys, k) })
 	return keys, nil
 }
@@ -372,6 +388,11 @@ func (s *FileStore) log(db string, create bool) (*storeLog, error) {
 	if l := dbs[db]; l != nil {
 		return l, nil
 	}
+	for other := range dbs {
+		if strings.EqualFold(other, db) { // one directory on a case-insensitive file system
+			return nil, Errorf(CodeInvalidArgument, "micro: store: database %q differs from %q only in case", db, other)
+		}
+	}
 	l, err := s.openLog(db)
 	if err != nil {
 		return nil, err
@@ -418,7 +439,7 @@ type storeLog struct {
 	noMap  bool   // mapping is off or failed
 	size   int64  // end of the last committed record
 	live   int64  // bytes of the records the index points at
-	tables map[string]*storeIndex[storeLoc]
+	tables map[string]*storeTable
 	expiry storeExpiryHeap
 	closed bool
 
@@ -428,6 +449,152 @@ type storeLog struct {
 
 	compacting atomic.Bool
 	dirty      atomic.Bool // written since the last sync (SyncInterval)
+}
+
+// storeTable is one table's index in a file store: the ordered chunks
+// (without a hash table of their own, whose keys the garbage collector
+// would scan) for walks, and a hash table of key hashes and record places,
+// which holds no pointers, for reads of one key.
+type storeTable struct {
+	storeIndex[storeLoc]
+	hash storeLocHash
+}
+
+func newStoreTable() *storeTable {
+	t := &storeTable{}
+	t.plain = true
+	t.hash.seed = maphash.MakeSeed()
+	return t
+}
+
+// ordered returns the ordered index, nil for a table that does not exist.
+func (t *storeTable) ordered() *storeIndex[storeLoc] {
+	if t == nil {
+		return nil
+	}
+	return &t.storeIndex
+}
+
+func (t *storeTable) set(key string, loc storeLoc) (old storeLoc, had bool) {
+	old, had = t.storeIndex.set(key, loc)
+	h := t.hash.sum(key)
+	if had {
+		t.hash.replace(h, old.off, loc)
+	} else {
+		t.hash.insert(h, loc)
+	}
+	return old, had
+}
+
+func (t *storeTable) delete(key string) (old storeLoc, had bool) {
+	old, had = t.storeIndex.delete(key)
+	if had {
+		t.hash.remove(t.hash.sum(key), old.off)
+	}
+	return old, had
+}
+
+// peek returns the place of the first record whose key hashes as key's
+// does, without comparing keys (which would cost a cache miss): the reader
+// checks the key in the record, and calls get if it is another's.
+func (t *storeTable) peek(key string) (storeLoc, bool) {
+	return t.hash.peek(t.hash.sum(key))
+}
+
+// storeLocHash maps key hashes to record places: open addressing with
+// linear probing, at most 3/4 full. Two keys may hash alike; a record's
+// offset, unique in a log, tells their slots apart.
+type storeLocHash struct {
+	slots []storeLocSlot
+	n     int
+	seed  maphash.Seed
+}
+
+type storeLocSlot struct {
+	h   uint64 // 0: empty
+	loc storeLoc
+}
+
+func (t *storeLocHash) sum(key string) uint64 { return maphash.String(t.seed, key) | 1 }
+
+func (t *storeLocHash) peek(h uint64) (storeLoc, bool) {
+	if t.n == 0 {
+		return storeLoc{}, false
+	}
+	mask := len(t.slots) - 1
+	for i := int(h) & mask; ; i = (i + 1) & mask {
+		switch t.slots[i].h {
+		case 0:
+			return storeLoc{}, false
+		case h:
+			return t.slots[i].loc, true
+		}
+	}
+}
+
+// at returns the slot of the record at off whose key hashes to h.
+func (t *storeLocHash) at(h uint64, off int64) (int, bool) {
+	if t.n == 0 {
+		return 0, false
+	}
+	mask := len(t.slots) - 1
+	for i := int(h) & mask; ; i = (i + 1) & mask {
+		s := &t.slots[i]
+		if s.h == 0 {
+			return 0, false
+		}
+		if s.h == h && s.loc.off == off {
+			return i, true
+		}
+	}
+}
+
+func (t *storeLocHash) insert(h uint64, loc storeLoc) {
+	if (t.n+1)*4 > len(t.slots)*3 {
+		old := t.slots
+		t.slots = make([]storeLocSlot, max(16, 2*len(old)))
+		for _, s := range old {
+			if s.h != 0 {
+				t.put(s)
+			}
+		}
+	}
+	t.put(storeLocSlot{h, loc})
+	t.n++
+}
+
+func (t *storeLocHash) put(s storeLocSlot) {
+	mask := len(t.slots) - 1
+	i := int(s.h) & mask
+	for t.slots[i].h != 0 {
+		i = (i + 1) & mask
+	}
+	t.slots[i] = s
+}
+
+func (t *storeLocHash) replace(h uint64, off int64, loc storeLoc) {
+	if i, ok := t.at(h, off); ok {
+		t.slots[i].loc = loc
+	}
+}
+
+// remove empties the slot of the record at off, shifting back the entries
+// after it that probed past it.
+func (t *storeLocHash) remove(h uint64, off int64) {
+	i, ok := t.at(h, off)
+	if !ok {
+		return
+	}
+	mask := len(t.slots) - 1
+	for j := (i + 1) & mask; t.slots[j].h != 0; j = (j + 1) & mask {
+		home := int(t.slots[j].h) & mask
+		if i <= j && (home <= i || home > j) || i > j && home <= i && home > j {
+			t.slots[i] = t.slots[j]
+			i = j
+		}
+	}
+	t.slots[i] = storeLocSlot{}
+	t.n--
 }
 
 // storeLoc is where a record lies in the log.
@@ -454,7 +621,7 @@ type storeCommit struct {
 // openLog opens (creating) the database's directory and log and replays it.
 func (s *FileStore) openLog(db string) (*storeLog, error) {
 	dir := filepath.Join(s.dir, db)
-	l := &storeLog{fs: s, db: db, dir: dir, path: filepath.Join(dir, storeLogName), tables: map[string]*storeIndex[storeLoc]{}}
+	l := &storeLog{fs: s, db: db, dir: dir, path: filepath.Join(dir, storeLogName), tables: map[string]*storeTable{}}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("micro: store: %w", err)
 	}
@@ -601,13 +768,13 @@ func (l *storeLog) apply(r *storeRaw, off int64, n int, now int64) {
 		if r.tomb {
 			return
 		}
-		idx = &storeIndex[storeLoc]{}
+		idx = newStoreTable()
 		l.tables[string(r.table)] = idx
 	}
 	l.applyKey(idx, string(r.table), string(r.key), r.tomb, storeLoc{off: off, size: uint32(n), expires: r.expires}, now)
 }
 
-func (l *storeLog) applyKey(idx *storeIndex[storeLoc], table, key string, tomb bool, loc storeLoc, now int64) {
+func (l *storeLog) applyKey(idx *storeTable, table, key string, tomb bool, loc storeLoc, now int64) {
 	var old storeLoc
 	var had bool
 	if tomb || !storeLive(loc.expires, now) {
@@ -673,9 +840,12 @@ type storeReadBox struct {
 	out [1]*Record
 }
 
-// get reads one record.
+// get reads one record. It looks the key up with peek, which does not
+// compare keys; if the entry it finds proves to be another key's (the two
+// hash alike) or has expired, it looks again with the keys compared.
 func (l *storeLog) get(table, key string) ([]*Record, error) {
 	var now int64 // read from the clock only for a record with an expiry
+	peeked := true
 	for {
 		l.mu.RLock()
 		if l.closed {
@@ -684,11 +854,19 @@ func (l *storeLog) get(table, key string) ([]*Record, error) {
 		}
 		loc, ok := storeLoc{}, false
 		if idx := l.tables[table]; idx != nil {
-			loc, ok = idx.get(key)
+			if peeked {
+				loc, ok = idx.peek(key)
+			} else {
+				loc, ok = idx.get(key)
+			}
 		}
 		if ok && loc.expires != 0 {
 			now = l.fs.opts.now().UnixNano()
-			ok = storeLive(loc.expires, now)
+			if ok = storeLive(loc.expires, now); !ok && peeked {
+				l.mu.RUnlock()
+				peeked = false
+				continue
+			}
 		}
 		if !ok {
 			l.mu.RUnlock()
@@ -696,24 +874,27 @@ func (l *storeLog) get(table, key string) ([]*Record, error) {
 		}
 		box := new(storeReadBox)
 		box.out[0] = &box.rec
+		var err error
 		if loc.end() <= int64(len(l.mapped)) {
-			err := l.record(&box.rec, l.mapped[loc.off:loc.end()], loc, table, key, now, nil)
+			err = l.record(&box.rec, l.mapped[loc.off:loc.end()], loc, table, key, now, nil, peeked)
 			l.mu.RUnlock()
-			if err != nil {
-				return nil, err
+		} else {
+			f := l.f
+			l.mu.RUnlock()
+			buf := make([]byte, loc.size)
+			if _, err := f.ReadAt(buf, loc.off); err != nil {
+				if errors.Is(err, os.ErrClosed) {
+					continue // a compaction swapped the file: look again
+				}
+				return nil, fmt.Errorf("micro: store: reading %s: %w", l.path, err)
 			}
-			return box.out[:], nil
+			err = l.record(&box.rec, buf, loc, table, key, now, nil, peeked)
 		}
-		f := l.f
-		l.mu.RUnlock()
-		buf := make([]byte, loc.size)
-		if _, err := f.ReadAt(buf, loc.off); err != nil {
-			if errors.Is(err, os.ErrClosed) {
-				continue // a compaction swapped the file: look again
-			}
-			return nil, fmt.Errorf("micro: store: reading %s: %w", l.path, err)
-		}
-		if err := l.record(&box.rec, buf, loc, table, key, now, nil); err != nil {
+		switch {
+		case err == errStoreOther:
+			peeked = false
+			continue
+		case err != nil:
 			return nil, err
 		}
 		return box.out[:], nil
@@ -723,18 +904,18 @@ func (l *storeLog) get(table, key string) ([]*Record, error) {
 // storeArena hands out copies of small values from shared blocks, so that
 // a read of many records allocates a few blocks rather than a slice each.
 // Each copy is capped at its length: appending to one never writes into
-// another.
+// another. Keeping one value keeps its block (32 KiB at most) alive.
 type storeArena struct{ buf []byte }
 
 func (a *storeArena) copy(v []byte) []byte {
 	switch {
 	case len(v) == 0:
 		return nil
-	case len(v) > 2048:
+	case len(v) > 4096:
 		return append([]byte(nil), v...)
 	}
 	if cap(a.buf)-len(a.buf) < len(v) {
-		a.buf = make([]byte, 0, 16<<10)
+		a.buf = make([]byte, 0, 32<<10)
 	}
 	n := len(a.buf)
 	a.buf = append(a.buf, v...)
@@ -746,17 +927,22 @@ type storeRecords struct{ block []Record }
 
 func (b *storeRecords) next() *Record {
 	if len(b.block) == cap(b.block) {
-		b.block = make([]Record, 0, 32)
+		b.block = make([]Record, 0, 64)
 	}
 	b.block = b.block[:len(b.block)+1]
 	return &b.block[len(b.block)-1]
 }
 
-// scan reads the records q selects.
+// scan reads the records q selects: those in the mapping are decoded under
+// the index's read lock as they are found, the rest (past the mapping, or
+// all without one) are read with pread after it is released. Records and
+// small values are carved from shared blocks, to spare the garbage
+// collector a thousand small objects.
 func (l *storeLog) scan(q *storeQuery, now int64) ([]*Record, error) {
 	type hit struct {
 		key string
 		loc storeLoc
+		rec *Record
 	}
 	for {
 		l.mu.RLock()
@@ -764,36 +950,33 @@ func (l *storeLog) scan(q *storeQuery, now int64) ([]*Record, error) {
 			l.mu.RUnlock()
 			return nil, ErrClosed
 		}
+		recs := []*Record{}
 		var hits []hit
-		var recs []*Record
-		var err error
 		var arena storeArena
 		var alloc storeRecords
-		mapped := true
-		storeScan(l.tables[q.table], q, func(v storeLoc) bool { return storeLive(v.expires, now) }, func(k string, v storeLoc) {
+		var err error
+		mapped := l.mapped
+		storeScan(l.tables[q.table].ordered(), q, func(v storeLoc) bool { return storeLive(v.expires, now) }, func(k string, v storeLoc) {
 			if err != nil {
 				return
 			}
-			if mapped && v.end() <= int64(len(l.mapped)) {
-				r := alloc.next()
-				err = l.record(r, l.mapped[v.off:v.end()], v, q.table, k, now, &arena)
-				recs = append(recs, r)
+			r := alloc.next()
+			recs = append(recs, r)
+			if v.end() <= int64(len(mapped)) {
+				err = l.record(r, mapped[v.off:v.end()], v, q.table, k, now, &arena, false)
 				return
 			}
-			mapped = false
-			hits = append(hits, hit{k, v})
+			hits = append(hits, hit{k, v, r})
 		})
 		f := l.f
 		l.mu.RUnlock()
 		if err != nil {
 			return nil, err
 		}
-		if recs == nil {
-			recs = make([]*Record, 0, len(hits))
-		}
 		retry := false
+		var buf []byte
 		for _, h := range hits {
-			buf := make([]byte, h.loc.size)
+			buf = slices.Grow(buf[:0], int(h.loc.size))[:h.loc.size]
 			if _, err := f.ReadAt(buf, h.loc.off); err != nil {
 				if errors.Is(err, os.ErrClosed) {
 					retry = true
@@ -801,11 +984,9 @@ func (l *storeLog) scan(q *storeQuery, now int64) ([]*Record, error) {
 				}
 				return nil, fmt.Errorf("micro: store: reading %s: %w", l.path, err)
 			}
-			r := alloc.next()
-			if err := l.record(r, buf, h.loc, q.table, h.key, now, nil); err != nil {
+			if err := l.record(h.rec, buf, h.loc, q.table, h.key, now, &arena, false); err != nil {
 				return nil, err
 			}
-			recs = append(recs, r)
 		}
 		if !retry {
 			return recs, nil
@@ -816,10 +997,14 @@ func (l *storeLog) scan(q *storeQuery, now int64) ([]*Record, error) {
 // record decodes into r the record the index placed at loc, checking that
 // it is intact and is the one asked for. The value is copied out of b (a
 // mapping, or a buffer the caller may reuse): into the arena if one is
-// given. now matters only for a record with an expiry.
-func (l *storeLog) record(r *Record, b []byte, loc storeLoc, table, key string, now int64, arena *storeArena) error {
+// given. now matters only for a record with an expiry. If the index entry
+// was found by peek, an intact record of another key is errStoreOther.
+func (l *storeLog) record(r *Record, b []byte, loc storeLoc, table, key string, now int64, arena *storeArena, peeked bool) error {
 	raw, n, err := storeDecodeRecord(b, false)
 	if err == nil && (n != len(b) || raw.tomb || string(raw.table) != table || string(raw.key) != key) {
+		if peeked && n == len(b) && !raw.tomb && string(raw.table) == table {
+			return errStoreOther // another key that hashes alike
+		}
 		err = errors.New("the record there is another one")
 	}
 	if err != nil {
@@ -954,7 +1139,7 @@ func (l *storeLog) write(batch []*storeCommit, sync bool) {
 	for _, c := range batch {
 		idx := l.tables[c.table]
 		if idx == nil {
-			idx = &storeIndex[storeLoc]{}
+			idx = newStoreTable()
 			l.tables[c.table] = idx
 		}
 		l.applyKey(idx, c.table, c.key, c.tomb, storeLoc{off: c.off, size: uint32(len(c.buf)), expires: c.expires}, now)
@@ -1041,7 +1226,7 @@ func (l *storeLog) compact(ctx context.Context) error {
 	w := bufio.NewWriterSize(nf, 1<<20)
 	w.Write(storeMagic[:])
 	off := int64(storeFileHeader)
-	tables := map[string]*storeIndex[storeLoc]{}
+	tables := map[string]*storeTable{}
 	var live int64
 	var expiry storeExpiryHeap
 	now := l.fs.opts.now().UnixNano()
@@ -1060,7 +1245,7 @@ func (l *storeLog) compact(ctx context.Context) error {
 			}
 			return fmt.Errorf("micro: store: compacting: %w", err)
 		}
-		if err := l.record(new(Record), buf, it.loc, it.table, it.key, now, nil); err != nil {
+		if err := l.record(new(Record), buf, it.loc, it.table, it.key, now, nil, false); err != nil {
 			return err // never copy a damaged record
 		}
 		if _, err := w.Write(buf); err != nil {
@@ -1068,7 +1253,7 @@ func (l *storeLog) compact(ctx context.Context) error {
 		}
 		idx := tables[it.table]
 		if idx == nil {
-			idx = &storeIndex[storeLoc]{}
+			idx = newStoreTable()
 			tables[it.table] = idx
 		}
 		loc := storeLoc{off: off, size: it.loc.size, expires: it.loc.expires}
@@ -1244,6 +1429,7 @@ var (
 	errStoreShort = errors.New("the record runs past the end of the log")
 	errStoreCRC   = errors.New("checksum mismatch")
 	errStoreShape = errors.New("malformed record")
+	errStoreOther = errors.New("the record is another key's")
 )
 
 // storeDecode decodes the record at the start of b and returns it and its

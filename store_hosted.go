@@ -120,6 +120,9 @@ func (s *RemoteStore) call(ctx context.Context, endpoint string, req, rsp any) e
 	if s.closed.Load() {
 		return ErrClosed
 	}
+	if err := ctx.Err(); err != nil { // the client may send a call whose context has ended
+		return AsError(err)
+	}
 	err := s.client.Call(ctx, s.service, endpoint, req, rsp, s.opts...)
 	if err == nil {
 		return nil

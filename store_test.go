@@ -245,6 +245,20 @@ func TestStoreWriteDeleteAndOwnership(t *testing.T) {
 			assertNoError(t, err)
 			assertEqual(t, strings.Join(keys, ","), bin)
 
+			// An ended context does nothing.
+			cctx, cancel := context.WithCancel(ctx)
+			cancel()
+			assertCode(t, s.Write(cctx, &Record{Key: "canceled"}), CodeCanceled)
+			assertCode(t, s.Delete(cctx, bin), CodeCanceled)
+			_, err = s.Read(cctx, bin)
+			assertCode(t, err, CodeCanceled)
+			_, err = s.List(cctx)
+			assertCode(t, err, CodeCanceled)
+			_, err = s.Read(ctx, "canceled")
+			if !errors.Is(err, ErrNotFound) {
+				t.Fatalf("a write with an ended context happened: %v", err)
+			}
+
 			// Bad input is invalid_argument.
 			assertCode(t, s.Write(ctx, &Record{Key: ""}), CodeInvalidArgument)
 			assertCode(t, s.Write(ctx, &Record{Key: strings.Repeat("k", storeMaxKey+1)}), CodeInvalidArgument)
@@ -475,4 +489,63 @@ func TestServiceStore(t *testing.T) {
 		t.Fatalf("unknown store: %v", err)
 	}
 	assertNoError(t, svc.Close())
+}
+
+func TestStoreTableHash(t *testing.T) {
+	// Random operations: the hash table agrees with the ordered index.
+	tab := newStoreTable()
+	ref := map[string]storeLoc{}
+	rng := rand.New(rand.NewPCG(3, 4))
+	for i := range 30000 {
+		k := fmt.Sprint(rng.IntN(3000))
+		if rng.IntN(3) < 2 {
+			loc := storeLoc{off: int64(i + 1), size: uint32(i)}
+			tab.set(k, loc)
+			ref[k] = loc
+		} else {
+			tab.delete(k)
+			delete(ref, k)
+		}
+	}
+	assertEqual(t, tab.hash.n, len(ref))
+	assertEqual(t, tab.len(), len(ref))
+	for k, want := range ref {
+		got, ok := tab.peek(k)
+		assertEqual(t, ok, true)
+		assertEqual(t, got, want)
+		got, ok = tab.get(k)
+		assertEqual(t, ok, true)
+		assertEqual(t, got, want)
+	}
+
+	// Hashes that collide, and slots that probe past each other.
+	var h storeLocHash
+	h.insert(5, storeLoc{off: 1})
+	h.insert(5, storeLoc{off: 2}) // another key, the same hash
+	h.insert(21, storeLoc{off: 3})
+	h.insert(6, storeLoc{off: 4})
+	h.replace(5, 2, storeLoc{off: 2, size: 9})
+	i, ok := h.at(5, 2)
+	assertEqual(t, ok, true)
+	assertEqual(t, h.slots[i].loc.size, uint32(9))
+	h.remove(5, 1)
+	for _, c := range []struct {
+		h   uint64
+		off int64
+		ok  bool
+	}{{5, 1, false}, {5, 2, true}, {21, 3, true}, {6, 4, true}} {
+		_, ok := h.at(c.h, c.off)
+		if ok != c.ok {
+			t.Fatalf("slot of %d at %d: %v", c.h, c.off, ok)
+		}
+	}
+	loc, ok := h.peek(5)
+	assertEqual(t, ok && loc.off == 2, true)
+	h.remove(5, 2)
+	h.remove(21, 3)
+	_, ok = h.peek(5)
+	assertEqual(t, ok, false)
+	loc, ok = h.peek(6)
+	assertEqual(t, ok && loc.off == 4, true)
+	assertEqual(t, h.n, 1)
 }
