@@ -405,9 +405,7 @@ func (r *MDNSRegistry) tickLocked(now time.Time) time.Time {
 	changed := false
 	for key, e := range r.entries {
 		if due(e.expires) { // not refreshed within its TTL
-			r.goodbyeLocked(e)
-			delete(r.entries, key)
-			r.cache.forget(strings.ToLower(e.fqdn()))
+			r.withdrawLocked(key, e)
 			changed = true
 			continue
 		}
@@ -983,7 +981,7 @@ func mdnsNewEntry(s *ServiceInfo, n *Node, ttl time.Duration, now time.Time) (*m
 		dnsTTL = uint32(max(ttl/time.Second, 1))
 	}
 	e := &mdnsEntry{
-		key:     s.Name + "\x00" + s.Version + "\x00" + n.ID,
+		key:     mdnsEntryKey(s, n),
 		service: s.Name,
 		base:    n.ID,
 		label:   mdnsLabel(n.ID, 63),
@@ -1037,6 +1035,19 @@ func mdnsParsePort(s string) (uint16, bool) {
 	return uint16(n), n > 0 && n < 65536
 }
 
+// mdnsEntryKey identifies a registered node: service, version and node ID.
+func mdnsEntryKey(s *ServiceInfo, n *Node) string {
+	return s.Name + "\x00" + s.Version + "\x00" + n.ID
+}
+
+// withdrawLocked says goodbye for an entry and forgets it, and our own
+// copy of it in the cache, at once.
+func (r *MDNSRegistry) withdrawLocked(key string, e *mdnsEntry) {
+	r.goodbyeLocked(e)
+	delete(r.entries, key)
+	r.cache.forget(strings.ToLower(e.fqdn()))
+}
+
 func (e *mdnsEntry) sameAs(o *mdnsEntry) bool {
 	return e.port == o.port && e.ip == o.ip && e.wild4 == o.wild4 && e.wild6 == o.wild6 &&
 		e.ttl == o.ttl && e.ownHost == o.ownHost && (e.ownHost || e.host == o.host) &&
@@ -1054,11 +1065,9 @@ func (r *MDNSRegistry) Deregister(ctx context.Context, s *ServiceInfo) error {
 		return ErrClosed
 	}
 	for _, n := range s.Nodes {
-		key := s.Name + "\x00" + s.Version + "\x00" + n.ID
+		key := mdnsEntryKey(s, n)
 		if e := r.entries[key]; e != nil {
-			r.goodbyeLocked(e)
-			delete(r.entries, key)
-			r.cache.forget(strings.ToLower(e.fqdn()))
+			r.withdrawLocked(key, e)
 		}
 	}
 	r.publishLocked()
