@@ -3,9 +3,7 @@ package micro
 import (
 	"bufio"
 	"bytes"
-	"context"
 	"errors"
-	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -78,12 +76,25 @@ type http1ServerConn struct {
 	bgDone  chan struct{} // closed when the background read returns; nil if none
 	bgStop  atomic.Bool   // the read is being stopped on purpose
 	piped   bool          // the next request was already buffered: nothing to watch
+
+	// Replies to pipelined requests gather in out and leave in one write:
+	// before the connection is read again (src flushes), before it goes
+	// idle, or from flushT when a handler runs longer than http1HoldReply
+	// while earlier replies wait.
+	outMu  sync.Mutex
+	out    []byte
+	werr   error       // a failed write: the connection is done
+	flushT *time.Timer // made on first use
 }
+
+// http1HoldReply is how long a reply may wait for the next pipelined
+// request's handler before it is written on its own.
+const http1HoldReply = 50 * time.Microsecond
 
 // http1ConnReader reads from the connection, first replaying a byte the
 // background read took.
 type http1ConnReader struct {
-	c       net.Conn
+	sc      *http1ServerConn
 	pending []byte
 }
 
@@ -93,11 +104,15 @@ func (r *http1ConnReader) Read(p []byte) (int, error) {
 		r.pending = r.pending[n:]
 		return n, nil
 	}
-	return r.c.Read(p)
+	if !r.sc.flush() { // replies gathered so far leave before we wait for more
+		return 0, r.sc.werr
+	}
+	return r.sc.c.Read(p)
 }
 
 func newHTTP1ServerConn(s *Server, c net.Conn) *http1ServerConn {
-	sc := &http1ServerConn{s: s, c: c, src: http1ConnReader{c: c}}
+	sc := &http1ServerConn{s: s, c: c}
+	sc.src.sc = sc
 	sc.br = bufio.NewReaderSize(&sc.src, http1HeaderBuffer)
 	sc.watchFn = sc.watch
 	return sc
@@ -155,9 +170,16 @@ const (
 // serve runs the connection until it closes or is handed to net/http.
 func (sc *http1ServerConn) serve() {
 	s := sc.s
-	defer s.untrackConn(sc)
+	defer func() {
+		sc.outMu.Lock()
+		if sc.flushT != nil {
+			sc.flushT.Stop()
+		}
+		sc.outMu.Unlock()
+		s.untrackConn(sc)
+	}()
 	for {
-		if s.closing.Load() {
+		if s.closing.Load() && sc.br.Buffered() == 0 {
 			sc.c.Close()
 			return
 		}
@@ -170,7 +192,7 @@ func (sc *http1ServerConn) serve() {
 			sc.c.Close()
 			return
 		}
-		if !sc.state.CompareAndSwap(http1Idle, http1Active) {
+		if !sc.state.CompareAndSwap(http1Idle, http1Active) && sc.state.Load() != http1Active {
 			sc.c.Close() // Shutdown closed it while idle
 			return
 		}
@@ -184,20 +206,69 @@ func (sc *http1ServerConn) serve() {
 		}
 		switch verdict {
 		case http1Reject:
-			sc.c.SetWriteDeadline(time.Now().Add(time.Second))
-			io.WriteString(sc.c, "HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+			sc.outMu.Lock()
+			sc.out = append(sc.out, "HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"...)
+			sc.outMu.Unlock()
+			sc.flush()
 			sc.c.Close()
 			return
 		case http1Handoff:
 			sc.handoff()
 			return
 		}
-		if !sc.serveOne(&req) || s.closing.Load() {
+		if !sc.serveOne(&req) {
+			sc.flush()
+			sc.c.Close()
+			return
+		}
+		if sc.br.Buffered() > 0 {
+			// The next request is here, pipelined: it is served, and
+			// its reply joins this one, before the connection counts as
+			// idle again. A shutdown serves it too, with Connection: close,
+			// so the caller knows the requests after it were not served.
+			continue
+		}
+		if !sc.flush() || s.closing.Load() {
 			sc.c.Close()
 			return
 		}
 		sc.state.Store(http1Idle)
 	}
+}
+
+// flush writes the replies gathered in out and reports whether the
+// connection is still good.
+func (sc *http1ServerConn) flush() bool {
+	sc.outMu.Lock()
+	defer sc.outMu.Unlock()
+	if sc.werr == nil && len(sc.out) > 0 {
+		if d := sc.s.opts.readTimeout; d > 0 {
+			sc.c.SetWriteDeadline(time.Now().Add(d))
+		}
+		_, sc.werr = sc.c.Write(sc.out)
+		sc.out = sc.out[:0]
+		if cap(sc.out) > 64<<10 {
+			sc.out = nil
+		}
+	}
+	return sc.werr == nil
+}
+
+// flushLater flushes out unless stop is called within http1HoldReply: a
+// reply does not wait for long behind the next request's handler.
+func (sc *http1ServerConn) flushLater() (stop func() bool) {
+	sc.outMu.Lock()
+	waiting := len(sc.out) > 0
+	sc.outMu.Unlock()
+	if !waiting {
+		return nil
+	}
+	if sc.flushT == nil {
+		sc.flushT = time.AfterFunc(http1HoldReply, func() { sc.flush() })
+	} else {
+		sc.flushT.Reset(http1HoldReply)
+	}
+	return sc.flushT.Stop
 }
 
 // serveOne serves one request on the fast path, its head already parsed by
@@ -213,16 +284,17 @@ func (sc *http1ServerConn) serveOne(req *http1Request) bool {
 		// and it would never read the reply. So half-close and read the body
 		// away, within a bound, as net/http does.
 		sc.write(rpcErrorReply(0, rpcTooBig(limit)), false)
+		sc.flush()
 		if !req.expect {
 			sc.drain(req.length)
 		}
 		return false
 	}
-	if req.expect {
-		if d := s.opts.readTimeout; d > 0 {
-			sc.c.SetWriteDeadline(time.Now().Add(d))
-		}
-		if _, err := io.WriteString(sc.c, "HTTP/1.1 100 Continue\r\n\r\n"); err != nil {
+	if req.expect && int64(sc.br.Buffered()) < req.length {
+		sc.outMu.Lock()
+		sc.out = append(sc.out, "HTTP/1.1 100 Continue\r\n\r\n"...)
+		sc.outMu.Unlock()
+		if !sc.flush() {
 			return false
 		}
 	}
@@ -236,10 +308,14 @@ func (sc *http1ServerConn) serveOne(req *http1Request) bool {
 	}
 	sc.piped = sc.br.Buffered() > 0
 	req.head.watch = sc.watchFn
+	stop := sc.flushLater()
 	rep := s.unary(s.baseCtx, req.m, &req.head, *bp)
+	if stop != nil {
+		stop()
+	}
 	sc.unwatch()
 	http1PutBuf(bp)
-	keep := !req.close
+	keep := !req.close && !s.closing.Load()
 	return sc.write(rep, keep) && keep
 }
 
@@ -260,30 +336,36 @@ func (sc *http1ServerConn) drain(n int64) {
 	io.CopyN(io.Discard, sc.br, min(n, http1DrainLimit))
 }
 
-// write sends a reply in one write.
+// write adds a reply to out; a large one is written at once, by writev
+// after what out holds, its body uncopied.
 func (sc *http1ServerConn) write(rep rpcReply, keep bool) bool {
+	sc.outMu.Lock()
+	defer sc.outMu.Unlock()
+	if sc.werr != nil {
+		return false
+	}
+	sc.out = http1AppendReplyHeader(sc.out, rep, keep)
+	if len(rep.body) <= 64<<10 {
+		sc.out = append(sc.out, rep.body...)
+		return true
+	}
 	if d := sc.s.opts.readTimeout; d > 0 {
 		sc.c.SetWriteDeadline(time.Now().Add(d))
 	}
-	bp := http1GetBuf(256 + min(len(rep.body), 64<<10))
-	b := http1AppendReplyHeader(*bp, rep, keep)
-	var err error
-	if len(rep.body) <= 64<<10 {
-		b = append(b, rep.body...)
-		_, err = sc.c.Write(b)
-	} else { // a large body goes out by writev, uncopied
-		bufs := net.Buffers{b, rep.body}
-		_, err = bufs.WriteTo(sc.c)
-	}
-	*bp = b
-	http1PutBuf(bp)
-	return err == nil
+	bufs := net.Buffers{sc.out, rep.body}
+	_, sc.werr = bufs.WriteTo(sc.c)
+	sc.out = sc.out[:0]
+	return sc.werr == nil
 }
 
 // handoff gives the connection, with the bytes already buffered, to the
 // http.Server that serves everything but fast-path calls.
 func (sc *http1ServerConn) handoff() {
 	s := sc.s
+	if !sc.flush() {
+		sc.c.Close()
+		return
+	}
 	buffered, _ := sc.br.Peek(sc.br.Buffered())
 	conn := &http1PrefixConn{Conn: sc.c, prefix: bytes.Clone(buffered)}
 	sc.c.SetDeadline(time.Time{})
@@ -623,241 +705,14 @@ func (l *http1Listener) Addr() net.Addr {
 	return l.addr
 }
 
-// http1Client is a client's pool of keep-alive connections, by node address.
-type http1Client struct {
-	dialer      net.Dialer
-	maxIdle     int           // idle connections kept per node
-	idleTimeout time.Duration // idle connections older than this are closed
-
-	mu     sync.Mutex
-	idle   map[string][]*http1ClientConn
-	swept  time.Time // when idle connections were last checked for age
-	closed bool
-}
-
-type http1ClientConn struct {
-	c      net.Conn
-	probe  *http1Prober // checks it is alive before reuse
-	br     *bufio.Reader
-	addr   string
-	used   time.Time // when it went idle
-	reused bool
-}
-
-func newHTTP1Client() *http1Client {
-	return &http1Client{
-		dialer:      net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second},
-		maxIdle:     256,
-		idleTimeout: 90 * time.Second,
-		idle:        make(map[string][]*http1ClientConn),
-	}
-}
-
-// get returns an idle connection to addr, or dials one (always, if fresh).
-func (p *http1Client) get(ctx context.Context, addr string, deadline time.Time, fresh bool) (*http1ClientConn, error) {
-	if !fresh {
-		now := time.Now()
-		p.mu.Lock()
-		if p.closed {
-			p.mu.Unlock()
-			return nil, ErrClosed
-		}
-		for {
-			list := p.idle[addr]
-			if len(list) == 0 {
-				break
-			}
-			cc := list[len(list)-1]
-			list[len(list)-1] = nil
-			p.idle[addr] = list[:len(list)-1]
-			p.mu.Unlock()
-			// A connection the server has closed, or that holds bytes we
-			// did not ask for, is dropped before anything is written on it:
-			// once a request is written it is never sent again.
-			if now.Sub(cc.used) < p.idleTimeout && cc.br.Buffered() == 0 && cc.probe.check() {
-				cc.reused = true
-				return cc, nil
-			}
-			cc.c.Close()
-			p.mu.Lock()
-		}
-		p.mu.Unlock()
-	}
-	d := p.dialer
-	d.Deadline = deadline
-	c, err := d.DialContext(ctx, "tcp", addr)
-	if err != nil {
-		return nil, err
-	}
-	return &http1ClientConn{c: c, probe: newHTTP1Prober(c), br: bufio.NewReaderSize(c, 4096), addr: addr}, nil
-}
-
-// put returns a healthy connection, with nothing unread, to the pool. Now and
-// then it also closes connections idle too long, to nodes that may be gone.
-func (p *http1Client) put(cc *http1ClientConn) {
-	cc.c.SetDeadline(time.Time{})
-	now := time.Now()
-	cc.used = now
-	var stale []*http1ClientConn
-	p.mu.Lock()
-	if p.closed || len(p.idle[cc.addr]) >= p.maxIdle {
-		p.mu.Unlock()
-		cc.c.Close()
-		return
-	}
-	p.idle[cc.addr] = append(p.idle[cc.addr], cc)
-	if now.Sub(p.swept) > p.idleTimeout/2 {
-		p.swept = now
-		for addr, list := range p.idle {
-			fresh := list[:0]
-			for _, c := range list {
-				if now.Sub(c.used) < p.idleTimeout {
-					fresh = append(fresh, c)
-				} else {
-					stale = append(stale, c)
-				}
-			}
-			clear(list[len(fresh):])
-			if len(fresh) == 0 {
-				delete(p.idle, addr)
-			} else {
-				p.idle[addr] = fresh
-			}
-		}
-	}
-	p.mu.Unlock()
-	for _, c := range stale {
-		c.c.Close()
-	}
-}
-
-// close closes the idle connections; those in use close when returned.
-func (p *http1Client) close() {
-	p.mu.Lock()
-	p.closed = true
-	idle := p.idle
-	p.idle = nil
-	p.mu.Unlock()
-	for _, list := range idle {
-		for _, cc := range list {
-			cc.c.Close()
-		}
-	}
-}
-
-// http1Call is one call's request, as the fast path sends it.
-type http1Call struct {
-	addr     string
-	path     rpcTarget
-	codec    Codec
-	body     []byte
-	md       MD
-	deadline time.Time // zero: none
-}
-
-// roundTrip makes one attempt over the pool. A reused connection that turns
-// out dead before any byte of the reply (the server closed it while it was
-// idle, before reading our request) is replaced once by a fresh one; anything
-// else is reported. Sent says the request may have reached the server. With
-// headers, the reply's headers are kept even on success.
-func (p *http1Client) roundTrip(ctx context.Context, call *http1Call, maxRsp int64, headers bool) (head http1Head, body *[]byte, sent bool, err error) {
-	for fresh := false; ; fresh = true {
-		cc, err := p.get(ctx, call.addr, call.deadline, fresh)
-		if err != nil {
-			return http1Head{}, nil, false, err
-		}
-		head, body, retry, sent, err := p.exchange(ctx, cc, call, maxRsp, headers)
-		if retry && !fresh && ctx.Err() == nil {
-			continue
-		}
-		return head, body, sent, err
-	}
-}
-
 // http1Head is what a client needs of a reply's head.
 type http1Head struct {
 	status int
 	length int64       // Content-Length; -1 if none
-	close  bool        // the server will close the connection
+	close  bool        // the connection carries nothing more after this reply
+	final  bool        // the server said so (Connection: close, HTTP/1.0): it served no request after this one
 	ctype  string      // media type of Content-Type, without parameters
 	header http.Header // every header, when asked for or not 200; else nil
-}
-
-// exchange sends the request on cc and reads the reply. Retry says cc was a
-// reused connection found dead before it answered; sent says the whole
-// request was written, so the server may have served it.
-func (p *http1Client) exchange(ctx context.Context, cc *http1ClientConn, call *http1Call, maxRsp int64, headers bool) (head http1Head, body *[]byte, retry, sent bool, err error) {
-	cc.c.SetDeadline(call.deadline)
-	var stop func() bool
-	if ctx.Done() != nil {
-		conn := cc.c
-		stop = context.AfterFunc(ctx, func() { conn.SetDeadline(http1Past) })
-	}
-	fail := func(err error, retry bool) (http1Head, *[]byte, bool, bool, error) {
-		if stop != nil {
-			stop()
-		}
-		cc.c.Close()
-		return http1Head{}, nil, retry && cc.reused, sent, err
-	}
-
-	bp := http1GetBuf(256 + min(len(call.body), 64<<10))
-	b := http1AppendRequest(*bp, call)
-	var werr error
-	if len(call.body) <= 64<<10 {
-		b = append(b, call.body...)
-		_, werr = cc.c.Write(b)
-	} else {
-		bufs := net.Buffers{b, call.body}
-		_, werr = bufs.WriteTo(cc.c)
-	}
-	*bp = b
-	http1PutBuf(bp)
-	if werr != nil {
-		return fail(werr, http1Stale(werr))
-	}
-	sent = true
-	if _, err := cc.br.Peek(1); err != nil {
-		return fail(err, false) // written: it may have run, so it is not sent again
-	}
-	var pre []byte // a body net/http already read
-	for informational := 0; ; informational++ {
-		head, pre, err = http1ReadHead(cc.br, call.codec.ContentType(), headers, maxRsp)
-		if err != nil {
-			return fail(err, false)
-		}
-		if head.status >= 200 {
-			break
-		}
-		if head.status == http.StatusSwitchingProtocols || informational == 5 { // 1xx: informational, the reply follows
-			return fail(fmt.Errorf("micro: reply %d where a final reply was due", head.status), false)
-		}
-	}
-	if head.length > maxRsp {
-		return fail(Errorf(CodeResourceExhausted, "micro: response larger than %d bytes", maxRsp), false)
-	}
-	out := http1GetBuf(0)
-	if pre != nil {
-		*out = append(*out, pre...)
-	} else {
-		err = http1ReadN(cc.br, out, head.length)
-	}
-	if err != nil {
-		http1PutBuf(out)
-		return fail(err, false)
-	}
-	if stop != nil && !stop() {
-		// The cancellation fired: the connection's deadline is spoiled.
-		http1PutBuf(out)
-		cc.c.Close()
-		return http1Head{}, nil, false, true, ctx.Err()
-	}
-	if head.close || cc.br.Buffered() > 0 { // bytes past the reply: out of step, never reuse
-		cc.c.Close()
-	} else {
-		p.put(cc)
-	}
-	return head, out, false, true, nil
 }
 
 // http1ReadHead reads a reply's status line and headers. Replies framed by
@@ -889,7 +744,7 @@ func http1ReadHead(br *bufio.Reader, wantCT string, headers bool, maxRsp int64) 
 			break
 		}
 	}
-	h = http1Head{status: rsp.StatusCode, length: rsp.ContentLength, close: true, header: rsp.Header}
+	h = http1Head{status: rsp.StatusCode, length: rsp.ContentLength, close: true, final: rsp.Close, header: rsp.Header}
 	h.ctype = codecMediaType(rsp.Header.Get("Content-Type"))
 	if h.ctype == wantCT {
 		h.ctype = wantCT
@@ -943,7 +798,7 @@ func http1ParseHead(hdr []byte, wantCT string, headers bool, h *http1Head) bool 
 	switch string(line[:8]) {
 	case "HTTP/1.1":
 	case "HTTP/1.0":
-		h.close = true
+		h.close, h.final = true, true
 	default:
 		return false
 	}
@@ -993,7 +848,7 @@ func http1ParseHead(hdr []byte, wantCT string, headers bool, h *http1Head) bool 
 			return false
 		case http1EqualFold(name, "connection"):
 			if bytes.Contains(bytes.ToLower(value), []byte("close")) {
-				h.close = true
+				h.close, h.final = true, true
 			}
 		case http1EqualFold(name, "content-type"):
 			mt, _, _ := bytes.Cut(value, []byte(";"))

@@ -224,8 +224,8 @@ func TestTwoServicesCallEachOther(t *testing.T) {
 	reg := NewMemoryRegistry()
 	t.Cleanup(func() { reg.Close() })
 	greeter := newTestService(t, "greeter", []any{&Greeter{id: "g1"}}, WithRegistry(reg))
-	var relaySvc *Service
-	relaySvc = newTestService(t, "relay", []any{&Relay{client: func() *Client { return relaySvc.Client() }}}, WithRegistry(reg))
+	var relaySvc atomic.Pointer[Service] // set here, read in the handler: ordered only by the network
+	relaySvc.Store(newTestService(t, "relay", []any{&Relay{client: func() *Client { return relaySvc.Load().Client() }}}, WithRegistry(reg)))
 
 	var rsp HelloResponse
 	assertNoError(t, greeter.Client().Call(context.Background(), "relay", "Relay.Forward", &HelloRequest{Name: "ada"}, &rsp))

@@ -14,6 +14,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -398,13 +399,21 @@ func TestMetadataBothWays(t *testing.T) {
 }
 
 func TestMiddlewareOrder(t *testing.T) {
+	// Client and server wrappers run in different goroutines, ordered by
+	// the network, which the race detector does not see: hence the lock.
+	var mu sync.Mutex
 	var trace []string
+	note := func(s string) {
+		mu.Lock()
+		trace = append(trace, s)
+		mu.Unlock()
+	}
 	hw := func(name string) HandlerWrapper {
 		return func(next HandlerFunc) HandlerFunc {
 			return func(ctx context.Context, req *Request) (any, error) {
-				trace = append(trace, name+">"+req.Endpoint)
+				note(name + ">" + req.Endpoint)
 				rsp, err := next(ctx, req)
-				trace = append(trace, name+"<")
+				note(name + "<")
 				return rsp, err
 			}
 		}
@@ -412,9 +421,9 @@ func TestMiddlewareOrder(t *testing.T) {
 	cw := func(name string) CallWrapper {
 		return func(next CallFunc) CallFunc {
 			return func(ctx context.Context, req *Request, rsp any, opts ...CallOption) error {
-				trace = append(trace, name+">"+req.Service)
+				note(name + ">" + req.Service)
 				err := next(ctx, req, rsp, opts...)
-				trace = append(trace, name+"<")
+				note(name + "<")
 				return err
 			}
 		}
@@ -431,9 +440,13 @@ func TestMiddlewareOrder(t *testing.T) {
 	client := newTestClient(t, WithAddress(addr), WrapCall(cw("c1"), cw("c2")))
 	var rsp HelloResponse
 	assertCode(t, client.Call(context.Background(), "greeter", "Greeter.Hello", &HelloRequest{}, &rsp), CodeUnauthenticated)
+	mu.Lock()
 	trace = nil
+	mu.Unlock()
 	ctx := NewContext(context.Background(), MD{"Authorization": "Bearer x"})
 	assertNoError(t, client.Call(ctx, "greeter", "Greeter.Hello", &HelloRequest{}, &rsp))
+	mu.Lock()
+	defer mu.Unlock()
 	assertEqual(t, strings.Join(trace, " "), "c1>greeter c2>greeter s1>Greeter.Hello s2>Greeter.Hello s2< s1< c2< c1<")
 }
 
@@ -567,6 +580,18 @@ func BenchmarkCall(b *testing.B) {
 	payload := bytes.Repeat([]byte("x"), 64)
 	b.Run("bytes-64B", func(b *testing.B) {
 		b.ReportAllocs()
+		b.RunParallel(func(pb *testing.PB) {
+			var rsp []byte
+			for pb.Next() {
+				if err := client.Call(context.Background(), "echo", "Echo.Bytes", payload, &rsp, ContentType(ContentTypeBytes)); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	})
+	b.Run("bytes-64B-x32", func(b *testing.B) { // 16 callers a CPU: connections are shared
+		b.ReportAllocs()
+		b.SetParallelism(16)
 		b.RunParallel(func(pb *testing.PB) {
 			var rsp []byte
 			for pb.Next() {
