@@ -49,6 +49,8 @@ type http1Client struct {
 	maxDepth    int           // calls in flight on one shared connection, at most
 	maxWait     time.Duration // no call joins one waiting longer than this
 
+	enqueued func() // tests: called (under locks) as a call joins a connection
+
 	mu     sync.Mutex
 	nodes  map[string]*http1Node
 	swept  time.Time // when idle connections were last checked for age
@@ -57,9 +59,11 @@ type http1Client struct {
 
 // http1Node is one node's connections. Guarded by http1Client.mu.
 type http1Node struct {
-	idle []*http1ClientConn // nothing in flight; the last went idle last
-	busy []*http1ClientConn // calls in flight, open to more
-	open int                // connections counted: idle, busy, being dialed or checked
+	idle    []*http1ClientConn // nothing in flight; the last went idle last
+	busy    []*http1ClientConn // calls in flight, open to more
+	open    int                // connections counted: idle, busy, being dialed or checked
+	dialing int                // connections being dialed
+	dialed  chan struct{}      // closed when a dial ends; nil if nobody waits
 }
 
 // http1ClientConn is one connection. Lock order: http1Client.mu, then mu,
@@ -198,59 +202,92 @@ func (p *http1Client) start(ctx context.Context, call *http1Call, fresh bool) (*
 		p.mu.Unlock()
 		return nil, ErrClosed
 	}
-	n := p.nodes[call.addr]
-	if n == nil {
-		n = &http1Node{}
-		p.nodes[call.addr] = n
-	}
-	for !fresh && len(n.idle) > 0 {
-		cc := n.idle[len(n.idle)-1]
-		n.idle[len(n.idle)-1] = nil
-		n.idle = n.idle[:len(n.idle)-1]
-		cc.isIdle = false
-		p.mu.Unlock()
-		// A connection the server has closed, or that holds bytes we did
-		// not ask for, is dropped before anything is written on it.
-		ok := now.Sub(cc.used) < p.idleTimeout && cc.br.Buffered() == 0 && cc.probe.check()
-		p.mu.Lock()
-		if ok && !p.closed {
-			cc.fromIdle = true
-			if p.enqueueLocked(cc, call) {
-				p.mu.Unlock()
-				p.write(cc, call)
-			} else {
-				p.mu.Unlock()
-			}
-			if len(call.body) > 64<<10 {
-				p.publish(cc)
-			}
-			return cc, nil
+	small := len(call.body) <= 64<<10
+	var n *http1Node
+	for {
+		if n = p.nodes[call.addr]; n == nil {
+			n = &http1Node{}
+			p.nodes[call.addr] = n
 		}
-		p.dropLocked(cc)
-		cc.c.Close()
+		if fresh {
+			break
+		}
+		// maxConns busy: share the one with the fewest calls.
+		if small && len(n.busy) >= p.maxConns {
+			if cc := p.pickLocked(n, now); cc != nil {
+				if p.enqueueLocked(cc, call) {
+					p.mu.Unlock()
+					p.write(cc, call)
+				} else {
+					p.mu.Unlock()
+				}
+				return cc, nil
+			}
+		}
+		if len(n.idle) > 0 {
+			cc := n.idle[len(n.idle)-1]
+			n.idle[len(n.idle)-1] = nil
+			n.idle = n.idle[:len(n.idle)-1]
+			cc.isIdle = false
+			p.mu.Unlock()
+			// A connection the server has closed, or that holds bytes we
+			// did not ask for, is dropped before anything is written on it.
+			ok := now.Sub(cc.used) < p.idleTimeout && cc.br.Buffered() == 0 && cc.probe.check()
+			p.mu.Lock()
+			if ok && !p.closed {
+				cc.fromIdle = true
+				if p.enqueueLocked(cc, call) {
+					p.mu.Unlock()
+					p.write(cc, call)
+				} else {
+					p.mu.Unlock()
+				}
+				if !small {
+					p.publish(cc)
+				}
+				return cc, nil
+			}
+			p.dropLocked(cc)
+			cc.c.Close()
+			if p.closed {
+				p.mu.Unlock()
+				return nil, ErrClosed
+			}
+			continue
+		}
+		if n.open < p.maxConns || n.dialing == 0 || !small {
+			break
+		}
+		// Enough connections are being dialed: wait for one, to share it.
+		if n.dialed == nil {
+			n.dialed = make(chan struct{})
+		}
+		ch := n.dialed
+		p.mu.Unlock()
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+		p.mu.Lock()
 		if p.closed {
 			p.mu.Unlock()
 			return nil, ErrClosed
 		}
 	}
-	if !fresh && n.open >= p.maxConns && len(call.body) <= 64<<10 {
-		if cc := p.pickLocked(n, now); cc != nil {
-			if p.enqueueLocked(cc, call) {
-				p.mu.Unlock()
-				p.write(cc, call)
-			} else {
-				p.mu.Unlock()
-			}
-			return cc, nil
-		}
-	}
 	n.open++
+	n.dialing++
 	p.mu.Unlock()
 
 	d := p.dialer
 	d.Deadline = call.deadline
 	c, err := d.DialContext(ctx, "tcp", call.addr)
 	p.mu.Lock()
+	n.dialing--
+	if n.dialed != nil { // callers waiting for a connection look again
+		close(n.dialed)
+		n.dialed = nil
+	}
 	if err == nil && p.closed {
 		c.Close()
 		err = ErrClosed
@@ -266,7 +303,7 @@ func (p *http1Client) start(ctx context.Context, call *http1Call, fresh bool) (*
 	p.enqueueLocked(cc, call) // new: nobody else can write
 	p.mu.Unlock()
 	p.write(cc, call)
-	if len(call.body) > 64<<10 {
+	if !small {
 		p.publish(cc)
 	}
 	return cc, nil
@@ -322,6 +359,9 @@ func (p *http1Client) enqueueLocked(cc *http1ClientConn, call *http1Call) (write
 	call.w.end = cc.wbytes
 	cc.wcalls++
 	cc.queue = append(cc.queue, &call.w)
+	if p.enqueued != nil {
+		p.enqueued()
+	}
 	// A caller reading replies from the buffer, not waiting on the network,
 	// writes this before it waits: requests made while a batch of replies is
 	// read leave together.
