@@ -336,8 +336,9 @@ func (sc *http1ServerConn) drain(n int64) {
 	io.CopyN(io.Discard, sc.br, min(n, http1DrainLimit))
 }
 
-// write adds a reply to out; a large one is written at once, by writev
-// after what out holds, its body uncopied.
+// write adds a reply to out; a large one, or one that would take out past
+// 64 KiB, is written at once, by writev after what out holds, its body
+// uncopied.
 func (sc *http1ServerConn) write(rep rpcReply, keep bool) bool {
 	sc.outMu.Lock()
 	defer sc.outMu.Unlock()
@@ -345,7 +346,7 @@ func (sc *http1ServerConn) write(rep rpcReply, keep bool) bool {
 		return false
 	}
 	sc.out = http1AppendReplyHeader(sc.out, rep, keep)
-	if len(rep.body) <= 64<<10 {
+	if len(rep.body) <= 64<<10 && len(sc.out)+len(rep.body) <= 64<<10 {
 		sc.out = append(sc.out, rep.body...)
 		return true
 	}

@@ -111,7 +111,7 @@ type http1ConnSource struct{ cc *http1ClientConn }
 
 func (r *http1ConnSource) Read(b []byte) (int, error) {
 	cc := r.cc
-	cc.p.write(cc, cc.reader)
+	cc.p.write(nil, cc, cc.reader)
 	cc.mu.Lock()
 	cc.inRead = true
 	cc.mu.Unlock()
@@ -217,7 +217,7 @@ func (p *http1Client) start(ctx context.Context, call *http1Call, fresh bool) (*
 			if cc := p.pickLocked(n, now); cc != nil {
 				if p.enqueueLocked(cc, call) {
 					p.mu.Unlock()
-					p.write(cc, call)
+					p.write(ctx, cc, call)
 				} else {
 					p.mu.Unlock()
 				}
@@ -238,7 +238,7 @@ func (p *http1Client) start(ctx context.Context, call *http1Call, fresh bool) (*
 				cc.fromIdle = true
 				if p.enqueueLocked(cc, call) {
 					p.mu.Unlock()
-					p.write(cc, call)
+					p.write(ctx, cc, call)
 				} else {
 					p.mu.Unlock()
 				}
@@ -302,7 +302,7 @@ func (p *http1Client) start(ctx context.Context, call *http1Call, fresh bool) (*
 	cc.br = bufio.NewReaderSize(&cc.rd, 4096)
 	p.enqueueLocked(cc, call) // new: nobody else can write
 	p.mu.Unlock()
-	p.write(cc, call)
+	p.write(ctx, cc, call)
 	if !small {
 		p.publish(cc)
 	}
@@ -381,17 +381,35 @@ func (p *http1Client) publish(cc *http1ClientConn) {
 }
 
 // write writes what is queued on cc, unless another caller is writing: that
-// one takes the queued requests along.
-func (p *http1Client) write(cc *http1ClientConn, call *http1Call) {
+// one takes the queued requests along. The write ends by call's deadline
+// and, when call has a large body (written alone: its connection is busy
+// only after it), when ctx ends. A write of small requests, perhaps other
+// callers' too, is short unless the server stops reading, and a caller that
+// gives up does not break it for the others.
+func (p *http1Client) write(ctx context.Context, cc *http1ClientConn, call *http1Call) {
 	cc.mu.Lock()
 	if cc.writing || len(cc.wq) == 0 || cc.broken != nil {
 		cc.mu.Unlock()
 		return
 	}
 	cc.writing = true
+	if ctx != nil && ctx.Done() != nil && len(call.body) > 64<<10 {
+		stop := context.AfterFunc(ctx, func() {
+			cc.dlMu.Lock()
+			if cc.writer == call {
+				cc.c.SetWriteDeadline(http1Past)
+			}
+			cc.dlMu.Unlock()
+		})
+		defer stop()
+	}
 	cc.dlMu.Lock()
 	cc.writer = call
-	cc.c.SetWriteDeadline(call.deadline)
+	if ctx != nil && ctx.Err() != nil && len(call.body) > 64<<10 {
+		cc.c.SetWriteDeadline(http1Past)
+	} else {
+		cc.c.SetWriteDeadline(call.deadline)
+	}
 	cc.dlMu.Unlock()
 	var failed bool
 	for len(cc.wq) > 0 && cc.broken == nil {
@@ -456,13 +474,6 @@ func (p *http1Client) finish(ctx context.Context, cc *http1ClientConn, call *htt
 	if ctx.Done() != nil {
 		stop := context.AfterFunc(ctx, func() {
 			cc.dlMu.Lock()
-			// A write with a large body is this call's alone (its
-			// connection is busy only after it): it stops. A write of
-			// small requests, perhaps other callers' too, is short unless
-			// the server stops reading; the writer's deadline bounds it.
-			if cc.writer == call && len(call.body) > 64<<10 {
-				cc.c.SetWriteDeadline(http1Past)
-			}
 			if cc.reader == call {
 				cc.c.SetReadDeadline(http1Past)
 			}

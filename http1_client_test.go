@@ -371,3 +371,29 @@ func TestHTTP1ShutdownEndsAPipelineCleanly(t *testing.T) {
 	assertNoError(t, <-shut)
 	<-served
 }
+
+// A call with a large body to a server that does not read it ends when its
+// context does, even while its write is blocked.
+func TestHTTP1LargeWriteEndsWithItsContext(t *testing.T) {
+	checkGoroutines(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	assertNoError(t, err)
+	defer ln.Close()
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err == nil {
+			accepted <- c // held open, never read
+		}
+	}()
+	c := newTestClient(t, WithAddress(ln.Addr().String()), Retries(0), RequestTimeout(time.Minute))
+	ctx, cancel := context.WithCancel(context.Background())
+	go func() {
+		conn := <-accepted
+		cancel() // before, during or after the write blocks: the call ends all the same
+		t.Cleanup(func() { conn.Close() })
+	}()
+	var rsp []byte
+	err = c.Call(ctx, "gate", "Gate.Pass", bytes.Repeat([]byte("x"), 32<<20), &rsp, ContentType(ContentTypeBytes))
+	assertCode(t, err, CodeCanceled)
+}
