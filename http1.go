@@ -21,18 +21,16 @@ import (
 // Server: Serve runs its own accept loop. Each connection's goroutine peeks
 // at the next request's header block; a plain POST to a registered endpoint
 // (Content-Length framing, no Transfer-Encoding, Upgrade or unusual Expect,
-// headers within one buffer) is parsed with net/http's http.ReadRequest and
-// served right there, the reply written in one write. Anything else (HTTP/2
+// headers within one buffer) is parsed by http1Classify and served right
+// there, the reply written in one write. Anything else (HTTP/2
 // prior knowledge, h2c upgrades, /health, chunked bodies, huge headers,
 // HTTP/1.0) hands the connection, with every byte it has buffered, to an
 // http.Server on the same port, which keeps it from then on.
 //
-// Client: a pool of keep-alive connections per node; a call writes its
-// request in one write and parses the reply with http.ReadResponse in the
-// calling goroutine, with no goroutine hand-offs. The deadline is the
-// connection's; a cancellation sets a past deadline through
-// context.AfterFunc. A connection that fails or is left mid-reply is closed,
-// never reused.
+// Replies to pipelined requests gather and leave in one write, before the
+// connection is read again.
+//
+// Client: see http1_client.go. Its reply parsing is here.
 
 // http1HeaderBuffer is the most header bytes the fast path reads; a larger
 // header block goes to net/http, which applies MaxHeaderBytes.
