@@ -90,7 +90,7 @@ type http1ClientConn struct {
 	skip     int64        // bytes of an abandoned reply's body still to discard
 	wq       []http1Seg   // requests queued for the next write
 	wbytes   int          // bytes in wq
-	wcalls   int          // calls in wq: the last wcalls of queue
+	wcalls   []*http1Wait // the calls in wq (a server may answer before a request is written, so not the end of queue)
 	writing  bool         // a caller is writing
 	inWrite  []*http1Wait // the calls of the write under way; the writer's
 	wspare   []http1Seg   // the writer's
@@ -357,7 +357,7 @@ func (p *http1Client) enqueueLocked(cc *http1ClientConn, call *http1Call) (write
 		cc.wq = append(cc.wq, http1Seg{big: call.body})
 	}
 	call.w.end = cc.wbytes
-	cc.wcalls++
+	cc.wcalls = append(cc.wcalls, &call.w)
 	cc.queue = append(cc.queue, &call.w)
 	if p.enqueued != nil {
 		p.enqueued()
@@ -415,11 +415,12 @@ func (p *http1Client) write(ctx context.Context, cc *http1ClientConn, call *http
 	for len(cc.wq) > 0 && cc.broken == nil {
 		segs := cc.wq
 		cc.wq, cc.wspare = cc.wspare[:0], nil
-		cc.inWrite = append(cc.inWrite[:0], cc.queue[len(cc.queue)-cc.wcalls:]...)
+		clear(cc.inWrite)
+		cc.inWrite, cc.wcalls = cc.wcalls, cc.inWrite[:0]
 		for _, w := range cc.inWrite {
 			w.handed = true
 		}
-		cc.wbytes, cc.wcalls = 0, 0
+		cc.wbytes = 0
 		cc.mu.Unlock()
 		bufs := cc.wbufs[:0]
 		for _, sg := range segs {
@@ -539,8 +540,11 @@ func (p *http1Client) finish(ctx context.Context, cc *http1ClientConn, call *htt
 
 	cc.mu.Lock()
 	switch {
+	case err == nil && cc.broken != nil:
+		// Another caller's write failed while this reply was read: it is
+		// whole, and this call is done.
 	case err == nil:
-		cc.popLocked()
+		cc.popLocked(w)
 		cc.fromIdle = false
 		switch {
 		case head.close:
@@ -553,7 +557,7 @@ func (p *http1Client) finish(ctx context.Context, cc *http1ClientConn, call *htt
 	case resumable && (errors.Is(err, os.ErrDeadlineExceeded) || err == ctx.Err()):
 		// This caller gave up; the next reader discards the rest of its reply.
 		if w.head {
-			cc.popLocked()
+			cc.popLocked(w)
 		} else {
 			w.state = http1Gone
 		}
@@ -564,6 +568,9 @@ func (p *http1Client) finish(ctx context.Context, cc *http1ClientConn, call *htt
 	broken := cc.broken != nil
 	idle := !broken && !cc.reading && len(cc.queue) == 0
 	sent, retry = w.handed && !w.retry, w.retry
+	if err == nil {
+		sent, retry = true, false
+	}
 	cc.mu.Unlock()
 	if broken {
 		p.drop(cc)
@@ -592,6 +599,11 @@ func (cc *http1ClientConn) readTurn(call *http1Call, maxRsp int64, headers bool)
 			continue
 		}
 		cc.mu.Lock()
+		if cc.broken != nil { // another caller's write failed
+			err := cc.broken
+			cc.mu.Unlock()
+			return head, nil, false, err
+		}
 		w := cc.queue[0]
 		cc.mu.Unlock()
 		mine := w == &call.w
@@ -618,7 +630,7 @@ func (cc *http1ClientConn) readTurn(call *http1Call, maxRsp int64, headers bool)
 				cc.skip = h.length
 			}
 			cc.mu.Lock()
-			cc.popLocked()
+			cc.popLocked(w)
 			cc.mu.Unlock()
 			if h.close {
 				return h, nil, false, errHTTP1Ended
@@ -640,8 +652,12 @@ func (cc *http1ClientConn) readTurn(call *http1Call, maxRsp int64, headers bool)
 	}
 }
 
-// popLocked removes the first call, whose reply has been read.
-func (cc *http1ClientConn) popLocked() {
+// popLocked removes w, the first call, whose reply has been read; unless the
+// connection failed meanwhile and let go of every call.
+func (cc *http1ClientConn) popLocked(w *http1Wait) {
+	if len(cc.queue) == 0 || cc.queue[0] != w {
+		return
+	}
 	cc.queue[0] = nil
 	cc.queue = cc.queue[1:]
 	if len(cc.queue) == 0 {
@@ -654,6 +670,9 @@ func (cc *http1ClientConn) popLocked() {
 // them.
 func (cc *http1ClientConn) passTurnLocked() {
 	cc.reading = false
+	if cc.broken != nil {
+		return
+	}
 	for _, w := range cc.queue {
 		if w.state == http1Queued {
 			w.state = http1Turn
@@ -700,7 +719,8 @@ func (cc *http1ClientConn) failLocked(err error, unserved bool) {
 		}
 	}
 	clear(cc.wq)
-	cc.wq, cc.wbytes, cc.wcalls = cc.wq[:0], 0, 0
+	clear(cc.wcalls)
+	cc.wq, cc.wbytes, cc.wcalls = cc.wq[:0], 0, cc.wcalls[:0]
 }
 
 // drop stops counting a broken connection.

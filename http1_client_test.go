@@ -397,3 +397,59 @@ func TestHTTP1LargeWriteEndsWithItsContext(t *testing.T) {
 	err = c.Call(ctx, "gate", "Gate.Pass", bytes.Repeat([]byte("x"), 32<<20), &rsp, ContentType(ContentTypeBytes))
 	assertCode(t, err, CodeCanceled)
 }
+
+// FuzzHTTP1ClientReplies has a server answer pipelined calls with arbitrary
+// bytes and then hang up: every call must end, with a reply or an error,
+// and nothing may panic or be left running.
+func FuzzHTTP1ClientReplies(f *testing.F) {
+	ok := func(body string) string {
+		return fmt.Sprintf("HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: %d\r\n\r\n%s", len(body), body)
+	}
+	f.Add([]byte(ok("a") + ok("bb") + ok("ccc")))
+	f.Add([]byte(ok("a") + "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\nb"))
+	f.Add([]byte("HTTP/1.1 100 Continue\r\n\r\n" + ok("a") + "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nb\r\n0\r\n\r\n"))
+	f.Add([]byte(ok("a") + "HTTP/1.1 200 OK\r\nContent-Length: 99999\r\n\r\nshort"))
+	f.Add([]byte("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: 41\r\n\r\n{\"code\":\"unavailable\",\"message\":\"busy\"}x"))
+	f.Add([]byte("garbage\r\n\r\n"))
+	f.Fuzz(func(t *testing.T, reply []byte) {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var wg sync.WaitGroup
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					c.Write(reply)
+					c.Close()
+				}()
+			}
+		}()
+		c := NewClient(WithAddress(ln.Addr().String()), Retries(0), RequestTimeout(10*time.Second))
+		c.h1.maxConns, c.h1.maxDepth, c.h1.maxWait = 1, 64, time.Hour
+		var calls sync.WaitGroup
+		for i := 0; i < 3; i++ {
+			calls.Add(1)
+			go func() {
+				defer calls.Done()
+				var rsp []byte
+				err := c.Call(context.Background(), "gate", "Gate.Pass", []byte("q"), &rsp, ContentType(ContentTypeBytes))
+				if CodeOf(err) == CodeDeadlineExceeded {
+					t.Errorf("a call hung until its deadline: %v", err)
+				}
+			}()
+		}
+		calls.Wait()
+		c.Close()
+		ln.Close()
+		wg.Wait()
+	})
+}
