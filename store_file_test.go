@@ -704,9 +704,15 @@ func FuzzStoreReplay(f *testing.F) {
 	})
 }
 
-// BenchmarkFileStoreRead reads random keys of 100,000 (100 B values) from
-// one goroutine.
+// BenchmarkFileStoreRead reads random keys of 100,000 from one goroutine,
+// with 100 B and 1 KiB values.
 func BenchmarkFileStoreRead(b *testing.B) {
+	for _, vs := range []int{100, 1024} {
+		b.Run(fmt.Sprintf("%dB", vs), func(b *testing.B) { benchmarkFileStoreRead(b, vs) })
+	}
+}
+
+func benchmarkFileStoreRead(b *testing.B, vs int) {
 	s, err := NewFileStore(b.TempDir(), SyncInterval(time.Hour))
 	if err != nil {
 		b.Fatal(err)
@@ -717,7 +723,7 @@ func BenchmarkFileStoreRead(b *testing.B) {
 	keys := make([]string, n)
 	for i := range keys {
 		keys[i] = fmt.Sprintf("k%06d", i)
-		if err := s.Write(ctx, &Record{Key: keys[i], Value: make([]byte, 100)}); err != nil {
+		if err := s.Write(ctx, &Record{Key: keys[i], Value: make([]byte, vs)}); err != nil {
 			b.Fatal(err)
 		}
 	}
