@@ -841,10 +841,66 @@ func (l *storeLog) has(table, key string) bool {
 	return ok
 }
 
-// storeReadBox holds what an exact read returns, in one allocation.
-type storeReadBox struct {
-	rec Record
+// storeReadBox holds what an exact read returns in one allocation: the
+// slice, its one record, and a copy of the record's bytes (A, an array),
+// which the value aliases.
+type storeReadBox[A any] struct {
 	out [1]*Record
+	rec Record
+	buf A
+}
+
+// storeReadAlloc returns the record and slice an exact read returns and a
+// buffer of n bytes for the record's copy, in one allocation up to 4 KiB.
+// The arrays fill the allocator's size classes (an object over 512 bytes
+// that holds pointers carries an 8-byte header): a 1 KiB value's record
+// (1,049 bytes) and its Record take 1,152 bytes, as its value alone would.
+func storeReadAlloc(n int) (*Record, []*Record, []byte) {
+	switch {
+	case n <= 64:
+		return storeReadNew(n, func(a *[64]byte) []byte { return a[:] })
+	case n <= 128:
+		return storeReadNew(n, func(a *[128]byte) []byte { return a[:] })
+	case n <= 192:
+		return storeReadNew(n, func(a *[192]byte) []byte { return a[:] })
+	case n <= 256:
+		return storeReadNew(n, func(a *[256]byte) []byte { return a[:] })
+	case n <= 320:
+		return storeReadNew(n, func(a *[320]byte) []byte { return a[:] })
+	case n <= 448:
+		return storeReadNew(n, func(a *[448]byte) []byte { return a[:] })
+	case n <= 568:
+		return storeReadNew(n, func(a *[568]byte) []byte { return a[:] })
+	case n <= 696:
+		return storeReadNew(n, func(a *[696]byte) []byte { return a[:] })
+	case n <= 824:
+		return storeReadNew(n, func(a *[824]byte) []byte { return a[:] })
+	case n <= 952:
+		return storeReadNew(n, func(a *[952]byte) []byte { return a[:] })
+	case n <= 1080:
+		return storeReadNew(n, func(a *[1080]byte) []byte { return a[:] })
+	case n <= 1208:
+		return storeReadNew(n, func(a *[1208]byte) []byte { return a[:] })
+	case n <= 1464:
+		return storeReadNew(n, func(a *[1464]byte) []byte { return a[:] })
+	case n <= 1976:
+		return storeReadNew(n, func(a *[1976]byte) []byte { return a[:] })
+	case n <= 2616:
+		return storeReadNew(n, func(a *[2616]byte) []byte { return a[:] })
+	case n <= 3384:
+		return storeReadNew(n, func(a *[3384]byte) []byte { return a[:] })
+	case n <= 4024:
+		return storeReadNew(n, func(a *[4024]byte) []byte { return a[:] })
+	}
+	box := new(storeReadBox[struct{}])
+	box.out[0] = &box.rec
+	return &box.rec, box.out[:], make([]byte, n)
+}
+
+func storeReadNew[A any](n int, bytes func(*A) []byte) (*Record, []*Record, []byte) {
+	box := new(storeReadBox[A])
+	box.out[0] = &box.rec
+	return &box.rec, box.out[:], bytes(&box.buf)[:n:n]
 }
 
 // get reads one record. It looks the key up with peek, which does not
@@ -877,14 +933,13 @@ func (l *storeLog) get(table, key string) ([]*Record, error) {
 		// and served: bytes that change in the file (or its mapping) after
 		// the copy cannot reach the caller unverified. The value is served
 		// from this copy, so a read allocates it once.
-		var buf []byte
+		rec, out, buf := storeReadAlloc(int(loc.size))
 		if loc.end() <= int64(len(l.mapped)) {
-			buf = append([]byte(nil), l.mapped[loc.off:loc.end()]...)
+			copy(buf, l.mapped[loc.off:loc.end()])
 			l.mu.RUnlock()
 		} else {
 			f := l.f
 			l.mu.RUnlock()
-			buf = make([]byte, loc.size)
 			if _, err := f.ReadAt(buf, loc.off); err != nil {
 				if errors.Is(err, os.ErrClosed) {
 					continue // a compaction swapped the file: look again
@@ -892,9 +947,7 @@ func (l *storeLog) get(table, key string) ([]*Record, error) {
 				return nil, fmt.Errorf("micro: store: reading %s: %w", l.path, err)
 			}
 		}
-		box := new(storeReadBox)
-		box.out[0] = &box.rec
-		err := l.record(&box.rec, buf, loc, table, key, now, nil, peeked)
+		err := l.record(rec, buf, loc, table, key, now, nil, peeked)
 		switch {
 		case err == errStoreOther:
 			peeked = false
@@ -904,7 +957,7 @@ func (l *storeLog) get(table, key string) ([]*Record, error) {
 		case err != nil:
 			return nil, err
 		}
-		return box.out[:], nil
+		return out, nil
 	}
 }
 
