@@ -510,42 +510,42 @@ func TestStoreTableHash(t *testing.T) {
 	assertEqual(t, tab.hash.n, len(ref))
 	assertEqual(t, tab.len(), len(ref))
 	for k, want := range ref {
-		got, ok := tab.peek(k)
+		off, size, ok := tab.peek(k)
 		assertEqual(t, ok, true)
-		assertEqual(t, got, want)
-		got, ok = tab.get(k)
+		assertEqual(t, storeLoc{off: off, size: size}, want)
+		got, ok := tab.get(k)
 		assertEqual(t, ok, true)
 		assertEqual(t, got, want)
 	}
 
 	// Hashes that collide, and slots that probe past each other.
 	var h storeLocHash
-	h.insert(5, storeLoc{off: 1})
-	h.insert(5, storeLoc{off: 2}) // another key, the same hash
-	h.insert(21, storeLoc{off: 3})
-	h.insert(6, storeLoc{off: 4})
-	h.replace(5, 2, storeLoc{off: 2, size: 9})
-	i, ok := h.at(5, 2)
+	h.insert(5, 1, 0)
+	h.insert(5, 2, 0) // another key, the same hash
+	h.insert(21, 3, 0)
+	h.insert(6, 4, 0)
+	h.replace(5, 2, 7, 9)
+	i, ok := h.at(5, 7)
 	assertEqual(t, ok, true)
-	assertEqual(t, h.slots[i].loc.size, uint32(9))
+	assertEqual(t, h.slots[i].size, uint32(9))
 	h.remove(5, 1)
 	for _, c := range []struct {
-		h   uint64
+		h   uint32
 		off int64
 		ok  bool
-	}{{5, 1, false}, {5, 2, true}, {21, 3, true}, {6, 4, true}} {
+	}{{5, 1, false}, {5, 2, false}, {5, 7, true}, {21, 3, true}, {6, 4, true}} {
 		_, ok := h.at(c.h, c.off)
 		if ok != c.ok {
 			t.Fatalf("slot of %d at %d: %v", c.h, c.off, ok)
 		}
 	}
-	loc, ok := h.peek(5)
-	assertEqual(t, ok && loc.off == 2, true)
-	h.remove(5, 2)
+	off, _, ok := h.peek(5)
+	assertEqual(t, ok && off == 7, true)
+	h.remove(5, 7)
 	h.remove(21, 3)
-	_, ok = h.peek(5)
+	_, _, ok = h.peek(5)
 	assertEqual(t, ok, false)
-	loc, ok = h.peek(6)
-	assertEqual(t, ok && loc.off == 4, true)
+	off, _, ok = h.peek(6)
+	assertEqual(t, ok && off == 4, true)
 	assertEqual(t, h.n, 1)
 }

@@ -34,3 +34,14 @@ func TestQuickRun(t *testing.T) {
 		t.Fatal(b.String())
 	}
 }
+
+func TestKeyBlock(t *testing.T) {
+	for _, n := range []int{1, 1000, 1_000_000, 1_000_001} { // the last: widths differ
+		key := keyBlock(n)
+		for _, i := range []int{0, 1, n / 2, n - 1} {
+			if i < n && key(i) != Key(i) {
+				t.Fatalf("n %d: key(%d) = %q, want %q", n, i, key(i), Key(i))
+			}
+		}
+	}
+}

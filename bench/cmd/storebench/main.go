@@ -15,6 +15,7 @@ import (
 	"io"
 	"os"
 	"runtime"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 	"time"
@@ -34,8 +35,20 @@ func main() {
 		rounds   = flag.Int("rounds", 3, "rounds; the median of each figure is reported")
 		engines  = flag.String("engines", "micro,bbolt", "engines, comma-separated")
 		out      = flag.String("out", "", "also write the report to this file")
+		cpuProf  = flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
 	)
 	flag.Parse()
+	if *cpuProf != "" {
+		f, err := os.Create(*cpuProf)
+		if err == nil {
+			err = pprof.StartCPUProfile(f)
+		}
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "storebench: -cpuprofile:", err)
+			os.Exit(2)
+		}
+		defer pprof.StopCPUProfile()
+	}
 	cfg := storebench.Config{Dir: *dir, Keys: *keys, FsyncOps: *fsyncOps, GroupOps: *groupOps, Writers: *writers,
 		ReadFor: *readFor, Engines: strings.Split(*engines, ",")}
 	for _, v := range strings.Split(*values, ",") {
