@@ -726,8 +726,12 @@ func (p *streamPipe) Write(b []byte) (int, error) {
 	case p.closed:
 		return 0, io.ErrClosedPipe
 	}
-	if p.off > 0 && p.off == len(p.buf) {
-		p.buf, p.off = p.buf[:0], 0
+	if p.off > 0 && (p.off == len(p.buf) || len(p.buf)+len(b) > cap(p.buf)) {
+		// Move what is queued to the front rather than let append copy the
+		// bytes already taken too: a reader that never quite catches up
+		// would otherwise have the buffer grow and be copied without end.
+		n := copy(p.buf, p.buf[p.off:])
+		p.buf, p.off = p.buf[:n], 0
 	}
 	p.buf = append(p.buf, b...)
 	p.cond.Broadcast()

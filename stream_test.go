@@ -548,6 +548,30 @@ func TestStreamPipe(t *testing.T) {
 		t.Fatalf("after the last byte: %v", err)
 	}
 
+	// A reader that never quite catches up: what is queued moves to the
+	// front, the buffer stays within the bound, and the bytes keep their
+	// order.
+	r := newStreamPipe(16)
+	want := []byte{0xff}
+	r.Write(want)
+	var got []byte
+	for i := 0; i < 1000; i++ {
+		m := []byte{byte(i), byte(i >> 8), byte(i >> 16)}
+		want = append(want, m...)
+		_, err := r.Write(m)
+		assertNoError(t, err)
+		n, err := r.Read(buf[:3]) // one byte stays behind
+		assertNoError(t, err)
+		got = append(got, buf[:n]...)
+		if cap(r.buf) > 64 {
+			t.Fatalf("after %d writes the buffer holds %d bytes for %d queued", i+1, cap(r.buf), len(r.buf)-r.off)
+		}
+	}
+	r.Close()
+	rest, err := io.ReadAll(r)
+	assertNoError(t, err)
+	assertEqual(t, string(append(got, rest...)), string(want))
+
 	// CloseWithError: both sides get the error, queued bytes are dropped.
 	q := newStreamPipe(10)
 	q.Write([]byte("lost"))
