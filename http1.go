@@ -286,6 +286,9 @@ func (sc *http1ServerConn) handoff() {
 	s := sc.s
 	buffered, _ := sc.br.Peek(sc.br.Buffered())
 	conn := &http1PrefixConn{Conn: sc.c, prefix: bytes.Clone(buffered)}
+	if bytes.HasPrefix(buffered, http1H2Preface) {
+		conn.br = bufio.NewReaderSize(sc.c, http1H2ReadBuffer)
+	}
 	sc.c.SetDeadline(time.Time{})
 	if !s.h1ln.push(conn) {
 		sc.c.Close()
@@ -557,17 +560,31 @@ func http1ValidHeader(k, v string) bool {
 }
 
 // http1PrefixConn replays bytes already read from a connection before
-// reading on.
+// reading on. An HTTP/2 connection reads on through br: net/http's HTTP/2
+// server reads each frame's 9-byte header and then its payload straight from
+// the connection, two reads a frame, which the buffer makes one read for as
+// many frames as have arrived. (A read at least as large as the buffer, with
+// nothing buffered, goes straight to the connection, uncopied.)
 type http1PrefixConn struct {
 	net.Conn
 	prefix []byte
+	br     *bufio.Reader // nil: unbuffered (HTTP/1, whose server buffers)
 }
+
+// http1H2Preface starts an HTTP/2 prior-knowledge connection (RFC 9113
+// §3.4); http1H2ReadBuffer is the read buffer such a connection gets.
+var http1H2Preface = []byte("PRI * HTTP/2.0\r\n")
+
+const http1H2ReadBuffer = 32 << 10
 
 func (c *http1PrefixConn) Read(p []byte) (int, error) {
 	if len(c.prefix) > 0 {
 		n := copy(p, c.prefix)
 		c.prefix = c.prefix[n:]
 		return n, nil
+	}
+	if c.br != nil {
+		return c.br.Read(p)
 	}
 	return c.Conn.Read(p)
 }

@@ -1,6 +1,7 @@
 package micro
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -10,6 +11,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -644,4 +646,79 @@ func TestStreamReviewRegressions(t *testing.T) {
 		var m Num
 		assertCode(t, st.Recv(&m), CodeInternal) // done, not half-read
 	})
+}
+
+// streamCountingConn counts the reads that reach the connection.
+type streamCountingConn struct {
+	*net.TCPConn
+	reads int
+}
+
+func (c *streamCountingConn) Read(p []byte) (int, error) {
+	c.reads++
+	return c.TCPConn.Read(p)
+}
+
+func TestStreamHandedOffH2ConnReadsThroughABuffer(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	assertNoError(t, err)
+	defer ln.Close()
+	peer, err := net.Dial("tcp", ln.Addr().String())
+	assertNoError(t, err)
+	defer peer.Close()
+	raw, err := ln.Accept()
+	assertNoError(t, err)
+	defer raw.Close()
+	under := &streamCountingConn{TCPConn: raw.(*net.TCPConn)}
+	prefix := []byte("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+	c := &http1PrefixConn{Conn: under, prefix: prefix, br: bufio.NewReaderSize(under, http1H2ReadBuffer)}
+
+	// The prefix comes first, then frames: 9-byte headers and payloads,
+	// which one read of the connection brings in.
+	frames := bytes.Repeat([]byte("123456789abcdefghijklmnopqrstuvwxyz"), 100)
+	_, err = peer.Write(frames)
+	assertNoError(t, err)
+	got := make([]byte, len(prefix))
+	_, err = io.ReadFull(c, got)
+	assertNoError(t, err)
+	assertEqual(t, string(got), string(prefix))
+	assertEqual(t, under.reads, 0)
+	var all []byte
+	for len(all) < len(frames) {
+		h := make([]byte, 9)
+		_, err := io.ReadFull(c, h)
+		assertNoError(t, err)
+		p := make([]byte, 26)
+		_, err = io.ReadFull(c, p)
+		assertNoError(t, err)
+		all = append(append(all, h...), p...)
+	}
+	assertEqual(t, string(all), string(frames))
+	if under.reads > 3 { // one, unless the bytes arrived in pieces
+		t.Errorf("%d reads of the connection for %d bytes in 200 small reads", under.reads, len(frames))
+	}
+
+	// A read at least as large as the buffer, with nothing buffered, goes
+	// straight to the connection.
+	big := bytes.Repeat([]byte{7}, 3*http1H2ReadBuffer)
+	go peer.Write(big)
+	reads := under.reads
+	p := make([]byte, len(big))
+	_, err = io.ReadFull(c, p)
+	assertNoError(t, err)
+	assertEqual(t, bytes.Equal(p, big), true)
+	if c.br.Buffered() != 0 {
+		t.Errorf("%d bytes left in the buffer", c.br.Buffered())
+	}
+	t.Logf("%d reads for %d bytes", under.reads-reads, len(big))
+
+	// Deadlines still apply, and the write side still half-closes.
+	assertNoError(t, c.SetReadDeadline(time.Now().Add(-time.Second)))
+	if _, err := c.Read(make([]byte, 1)); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("read past the deadline: %v", err)
+	}
+	assertNoError(t, c.CloseWrite())
+	if n, err := peer.Read(make([]byte, 1)); err != io.EOF {
+		t.Fatalf("peer read after CloseWrite: %d, %v", n, err)
+	}
 }
