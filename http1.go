@@ -288,6 +288,8 @@ func (sc *http1ServerConn) handoff() {
 	conn := &http1PrefixConn{Conn: sc.c, prefix: bytes.Clone(buffered)}
 	if bytes.HasPrefix(buffered, http1H2Preface) {
 		conn.br = bufio.NewReaderSize(sc.c, http1H2ReadBuffer)
+		conn.w = new(streamWriter)
+		conn.w.init(sc.c)
 	}
 	sc.c.SetDeadline(time.Time{})
 	if !s.h1ln.push(conn) {
@@ -569,6 +571,7 @@ type http1PrefixConn struct {
 	net.Conn
 	prefix []byte
 	br     *bufio.Reader // nil: unbuffered (HTTP/1, whose server buffers)
+	w      *streamWriter // HTTP/2: writes gathered; nil: straight through
 }
 
 // http1H2Preface starts an HTTP/2 prior-knowledge connection (RFC 9113
@@ -589,9 +592,26 @@ func (c *http1PrefixConn) Read(p []byte) (int, error) {
 	return c.Conn.Read(p)
 }
 
+func (c *http1PrefixConn) Write(p []byte) (int, error) {
+	if c.w != nil {
+		return c.w.Write(p)
+	}
+	return c.Conn.Write(p)
+}
+
+func (c *http1PrefixConn) Close() error {
+	if c.w != nil {
+		return c.w.close()
+	}
+	return c.Conn.Close()
+}
+
 // CloseWrite lets net/http half-close the connection, as it does for a
 // *net.TCPConn.
 func (c *http1PrefixConn) CloseWrite() error {
+	if c.w != nil {
+		c.w.flush()
+	}
 	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
 		return cw.CloseWrite()
 	}

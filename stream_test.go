@@ -722,3 +722,156 @@ func TestStreamHandedOffH2ConnReadsThroughABuffer(t *testing.T) {
 		t.Fatalf("peer read after CloseWrite: %d, %v", n, err)
 	}
 }
+
+// streamGateConn is a connection whose writes wait for the test: each
+// announces itself on started and returns when gate lets it.
+type streamGateConn struct {
+	net.Conn // unused methods
+	started  chan string
+	gate     chan error
+	closed   chan struct{}
+	mu       sync.Mutex
+	readShut bool
+	deadline time.Time
+}
+
+func newStreamGateConn() *streamGateConn {
+	return &streamGateConn{started: make(chan string), gate: make(chan error), closed: make(chan struct{})}
+}
+
+func (c *streamGateConn) Write(p []byte) (int, error) {
+	c.started <- string(p)
+	if err := <-c.gate; err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+func (c *streamGateConn) Close() error { close(c.closed); return nil }
+
+func (c *streamGateConn) CloseRead() error {
+	c.mu.Lock()
+	c.readShut = true
+	c.mu.Unlock()
+	return nil
+}
+
+func (c *streamGateConn) SetWriteDeadline(t time.Time) error {
+	c.mu.Lock()
+	c.deadline = t
+	c.mu.Unlock()
+	return nil
+}
+
+func TestStreamWriterGathersWritesAndClosesAfterThem(t *testing.T) {
+	checkGoroutines(t)
+	c := newStreamGateConn()
+	var w streamWriter
+	w.init(c)
+
+	// While one write is under way, later ones gather into the next.
+	w.Write([]byte("a"))
+	assertEqual(t, <-c.started, "a")
+	for _, s := range []string{"b", "c", "d"} {
+		n, err := w.Write([]byte(s))
+		assertNoError(t, err)
+		assertEqual(t, n, 1)
+	}
+	c.gate <- nil
+	assertEqual(t, <-c.started, "bcd")
+	c.gate <- nil
+	assertNoError(t, w.flush())
+
+	// Close with a write under way: readers stop at once, later writes
+	// fail, and the connection closes once the queue is out, within the
+	// linger.
+	w.Write([]byte("e"))
+	assertEqual(t, <-c.started, "e")
+	w.Write([]byte("f"))
+	assertNoError(t, w.close())
+	if _, err := w.Write([]byte("late")); !errors.Is(err, net.ErrClosed) {
+		t.Fatalf("Write after Close: %v", err)
+	}
+	c.mu.Lock()
+	assertEqual(t, c.readShut, true)
+	if c.deadline.IsZero() {
+		t.Error("no write deadline bounds the queue's last writes")
+	}
+	c.mu.Unlock()
+	select {
+	case <-c.closed:
+		t.Fatal("closed before the queue went out")
+	default:
+	}
+	c.gate <- nil
+	assertEqual(t, <-c.started, "f")
+	c.gate <- nil
+	<-c.closed
+	if err := w.close(); !errors.Is(err, net.ErrClosed) {
+		t.Fatalf("second Close: %v", err)
+	}
+
+	// A write error closes the connection and comes back from every later
+	// Write.
+	c2 := newStreamGateConn()
+	var w2 streamWriter
+	w2.init(c2)
+	w2.Write([]byte("x"))
+	<-c2.started
+	w2.Write([]byte("y"))
+	boom := errors.New("boom")
+	c2.gate <- boom
+	<-c2.closed
+	if err := w2.flush(); err != boom {
+		t.Fatalf("flush after the failure: %v", err)
+	}
+	if _, err := w2.Write([]byte("z")); err != boom {
+		t.Fatalf("Write after the failure: %v", err)
+	}
+}
+
+func TestStreamWriterKeepsOrderUnderLoad(t *testing.T) {
+	checkGoroutines(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	assertNoError(t, err)
+	defer ln.Close()
+	raw, err := net.Dial("tcp", ln.Addr().String())
+	assertNoError(t, err)
+	peer, err := ln.Accept()
+	assertNoError(t, err)
+	defer peer.Close()
+	c := newStreamConn(raw)
+	// Writers in turn under a lock, as net/http's writers are, with more
+	// than the queue holds in all.
+	var mu sync.Mutex
+	var want bytes.Buffer
+	var wg sync.WaitGroup
+	for g := 0; g < 4; g++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < 500; i++ {
+				mu.Lock()
+				m := fmt.Appendf(nil, "<%d:%d:%s>", g, i, strings.Repeat("x", i%300))
+				want.Write(m)
+				_, err := c.Write(m)
+				mu.Unlock()
+				if err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		}()
+	}
+	got := make(chan []byte)
+	go func() {
+		b, _ := io.ReadAll(peer)
+		got <- b
+	}()
+	wg.Wait()
+	assertNoError(t, c.Close()) // what is queued still goes out
+	b := <-got
+	if !bytes.Equal(b, want.Bytes()) {
+		t.Fatalf("the peer read %d bytes, not the %d written in order", len(b), want.Len())
+	}
+}
