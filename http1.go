@@ -367,6 +367,11 @@ func (sc *http1ServerConn) handoff() {
 	}
 	buffered, _ := sc.br.Peek(sc.br.Buffered())
 	conn := &http1PrefixConn{Conn: sc.c, prefix: bytes.Clone(buffered)}
+	if bytes.HasPrefix(buffered, http1H2Preface) {
+		conn.br = bufio.NewReaderSize(sc.c, http1H2ReadBuffer)
+		conn.w = new(streamWriter)
+		conn.w.init(sc.c)
+	}
 	sc.c.SetDeadline(time.Time{})
 	if !s.h1ln.push(conn) {
 		sc.c.Close()
@@ -638,11 +643,23 @@ func http1ValidHeader(k, v string) bool {
 }
 
 // http1PrefixConn replays bytes already read from a connection before
-// reading on.
+// reading on. An HTTP/2 connection reads on through br: net/http's HTTP/2
+// server reads each frame's 9-byte header and then its payload straight from
+// the connection, two reads a frame, which the buffer makes one read for as
+// many frames as have arrived. (A read at least as large as the buffer, with
+// nothing buffered, goes straight to the connection, uncopied.)
 type http1PrefixConn struct {
 	net.Conn
 	prefix []byte
+	br     *bufio.Reader // nil: unbuffered (HTTP/1, whose server buffers)
+	w      *streamWriter // HTTP/2: writes gathered; nil: straight through
 }
+
+// http1H2Preface starts an HTTP/2 prior-knowledge connection (RFC 9113
+// §3.4); http1H2ReadBuffer is the read buffer such a connection gets.
+var http1H2Preface = []byte("PRI * HTTP/2.0\r\n")
+
+const http1H2ReadBuffer = 32 << 10
 
 func (c *http1PrefixConn) Read(p []byte) (int, error) {
 	if len(c.prefix) > 0 {
@@ -650,12 +667,32 @@ func (c *http1PrefixConn) Read(p []byte) (int, error) {
 		c.prefix = c.prefix[n:]
 		return n, nil
 	}
+	if c.br != nil {
+		return c.br.Read(p)
+	}
 	return c.Conn.Read(p)
+}
+
+func (c *http1PrefixConn) Write(p []byte) (int, error) {
+	if c.w != nil {
+		return c.w.Write(p)
+	}
+	return c.Conn.Write(p)
+}
+
+func (c *http1PrefixConn) Close() error {
+	if c.w != nil {
+		return c.w.close()
+	}
+	return c.Conn.Close()
 }
 
 // CloseWrite lets net/http half-close the connection, as it does for a
 // *net.TCPConn.
 func (c *http1PrefixConn) CloseWrite() error {
+	if c.w != nil {
+		c.w.flush()
+	}
 	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
 		return cw.CloseWrite()
 	}

@@ -1,6 +1,7 @@
 package micro
 
 import (
+	"bufio"
 	"context"
 	"encoding/base64"
 	"encoding/binary"
@@ -60,6 +61,7 @@ type Stream struct {
 
 	// reading
 	r      io.Reader
+	br     *bufio.Reader // reads r, made on the first Recv
 	rhdr   [5]byte
 	rbuf   []byte
 	header MD // the response's headers (client)
@@ -85,6 +87,11 @@ type Stream struct {
 
 // streamMaxMessage is the default limit on one message (4 MiB).
 const streamMaxMessage = 4 << 20
+
+// streamReadBuffer is what a stream's reads gather: several small messages
+// that arrived together are taken in one read of the body. (A message at
+// least this large is read straight into its buffer.)
+const streamReadBuffer = 16 << 10
 
 // Context returns the stream's context: on the server the call's (it ends
 // when the caller goes away or its deadline passes), on the client the one
@@ -181,7 +188,13 @@ func (s *Stream) Recv(msg any) error {
 			return s.end(s.oerr)
 		}
 	}
-	flags, data, err := streamReadEnvelope(s.r, &s.rhdr, &s.rbuf, s.max)
+	if s.br == nil {
+		// Every read of net/http's HTTP/2 body is a hand-off to the
+		// connection's goroutine, and may send a WINDOW_UPDATE: read what
+		// has arrived at once, not an envelope header and message apart.
+		s.br = bufio.NewReaderSize(s.r, streamReadBuffer)
+	}
+	flags, data, err := streamReadEnvelope(s.br, &s.rhdr, &s.rbuf, s.max)
 	switch {
 	case err == io.EOF && s.server:
 		return s.end(io.EOF) // the caller closed its side
@@ -726,8 +739,12 @@ func (p *streamPipe) Write(b []byte) (int, error) {
 	case p.closed:
 		return 0, io.ErrClosedPipe
 	}
-	if p.off > 0 && p.off == len(p.buf) {
-		p.buf, p.off = p.buf[:0], 0
+	if p.off > 0 && (p.off == len(p.buf) || len(p.buf)+len(b) > cap(p.buf)) {
+		// Move what is queued to the front rather than let append copy the
+		// bytes already taken too: a reader that never quite catches up
+		// would otherwise have the buffer grow and be copied without end.
+		n := copy(p.buf, p.buf[p.off:])
+		p.buf, p.off = p.buf[:n], 0
 	}
 	p.buf = append(p.buf, b...)
 	p.cond.Broadcast()
@@ -945,12 +962,161 @@ func (c *Client) streamClient() *http.Client {
 		}
 		protocols := new(http.Protocols)
 		protocols.SetUnencryptedHTTP2(true)
+		dialer := &net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}
 		c.h2 = &http.Client{Transport: &http.Transport{
-			Protocols:          protocols,
-			DialContext:        (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+			Protocols: protocols,
+			DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+				conn, err := dialer.DialContext(ctx, network, addr)
+				if err != nil {
+					return nil, err
+				}
+				return newStreamConn(conn), nil
+			},
 			DisableCompression: true,
 			IdleConnTimeout:    90 * time.Second,
 		}}
 	})
 	return c.h2
+}
+
+// streamConn is a client's HTTP/2 connection. It reads through a buffer
+// larger than the transport's own (4 KiB), so a frame of a 4 KiB message,
+// with its header, arrives in one read instead of two, and a batch of frames
+// in one. Its writes are gathered (see streamWriter).
+type streamConn struct {
+	net.Conn
+	br *bufio.Reader
+	w  streamWriter
+}
+
+// streamConnReadBuffer is a client connection's read buffer.
+const streamConnReadBuffer = 32 << 10
+
+func newStreamConn(c net.Conn) *streamConn {
+	sc := &streamConn{Conn: c, br: bufio.NewReaderSize(c, streamConnReadBuffer)}
+	sc.w.init(c)
+	return sc
+}
+
+func (c *streamConn) Read(p []byte) (int, error)  { return c.br.Read(p) }
+func (c *streamConn) Write(p []byte) (int, error) { return c.w.Write(p) }
+func (c *streamConn) Close() error                { return c.w.close() }
+
+// streamWriter gathers an HTTP/2 connection's writes. net/http's HTTP/2
+// writes and flushes frame by frame: its transport flushes every DATA frame
+// apiece, with the connection's write lock held, and its server flushes a
+// WINDOW_UPDATE apart from the reply that follows it and splits a 4 KiB
+// message's frame over two writes (its write buffer is 4 KiB). Write queues
+// instead and returns; a goroutine, started when the queue fills from empty
+// and ending when it is empty again, writes all that has gathered in one
+// syscall. Past streamWriterQueue queued bytes Write blocks, as a write to a
+// full socket would. A write error is kept, returned by every later Write,
+// and closes the connection, so that its reader sees the failure too. Close
+// lets what is queued go out first, as the kernel does with what a closed
+// socket holds: readers get EOF at once, the connection closes once the
+// queue is written, within streamWriterLinger.
+type streamWriter struct {
+	c       net.Conn
+	mu      sync.Mutex
+	cond    sync.Cond
+	queue   []byte
+	spare   []byte
+	writing bool  // the goroutine is running
+	closed  bool  // Close was called: no more writes
+	err     error // the first write error
+}
+
+// streamWriterQueue bounds what a streamWriter queues; between bursts it
+// keeps buffers of up to streamWriterKeep bytes. streamWriterLinger bounds
+// how long a closed connection's queue may take to go out.
+const (
+	streamWriterQueue  = 64 << 10
+	streamWriterKeep   = 2 * streamWriterQueue
+	streamWriterLinger = time.Second
+)
+
+func (w *streamWriter) init(c net.Conn) {
+	w.c = c
+	w.cond.L = &w.mu
+}
+
+func (w *streamWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for w.err == nil && !w.closed && len(w.queue) > 0 && len(w.queue)+len(p) > streamWriterQueue {
+		w.cond.Wait()
+	}
+	switch {
+	case w.err != nil:
+		return 0, w.err
+	case w.closed:
+		return 0, net.ErrClosed
+	}
+	w.queue = append(w.queue, p...)
+	if !w.writing {
+		w.writing = true
+		go w.run()
+	}
+	return len(p), nil
+}
+
+// run writes what gathers until nothing is queued, and closes the
+// connection if Close came meanwhile.
+func (w *streamWriter) run() {
+	w.mu.Lock()
+	for len(w.queue) > 0 && w.err == nil {
+		b := w.queue
+		w.queue = w.spare[:0]
+		w.mu.Unlock()
+		_, err := w.c.Write(b)
+		w.mu.Lock()
+		w.spare = b[:0]
+		if err != nil && w.err == nil {
+			w.err = err
+			w.c.Close()
+		}
+		w.cond.Broadcast() // room in the queue
+	}
+	w.writing = false
+	w.queue = w.queue[:0]
+	if cap(w.queue) > streamWriterKeep { // an idle connection keeps little
+		w.queue, w.spare = nil, nil
+	}
+	if w.closed {
+		w.c.Close()
+	}
+	w.cond.Broadcast() // for flush
+	w.mu.Unlock()
+}
+
+// flush waits until everything queued has been written.
+func (w *streamWriter) flush() error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for w.writing {
+		w.cond.Wait()
+	}
+	return w.err
+}
+
+// close closes the connection, at once if nothing is queued, otherwise once
+// the queue is written (the reading side shuts now).
+func (w *streamWriter) close() error {
+	w.mu.Lock()
+	if w.closed {
+		w.mu.Unlock()
+		return net.ErrClosed
+	}
+	w.closed = true
+	linger := w.writing
+	w.cond.Broadcast()
+	w.mu.Unlock()
+	if !linger {
+		return w.c.Close()
+	}
+	if cr, ok := w.c.(interface{ CloseRead() error }); ok {
+		cr.CloseRead()
+	}
+	w.c.SetWriteDeadline(time.Now().Add(streamWriterLinger))
+	return nil
 }

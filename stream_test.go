@@ -1,6 +1,7 @@
 package micro
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -10,6 +11,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -548,6 +550,30 @@ func TestStreamPipe(t *testing.T) {
 		t.Fatalf("after the last byte: %v", err)
 	}
 
+	// A reader that never quite catches up: what is queued moves to the
+	// front, the buffer stays within the bound, and the bytes keep their
+	// order.
+	r := newStreamPipe(16)
+	want := []byte{0xff}
+	r.Write(want)
+	var got []byte
+	for i := 0; i < 1000; i++ {
+		m := []byte{byte(i), byte(i >> 8), byte(i >> 16)}
+		want = append(want, m...)
+		_, err := r.Write(m)
+		assertNoError(t, err)
+		n, err := r.Read(buf[:3]) // one byte stays behind
+		assertNoError(t, err)
+		got = append(got, buf[:n]...)
+		if cap(r.buf) > 64 {
+			t.Fatalf("after %d writes the buffer holds %d bytes for %d queued", i+1, cap(r.buf), len(r.buf)-r.off)
+		}
+	}
+	r.Close()
+	rest, err := io.ReadAll(r)
+	assertNoError(t, err)
+	assertEqual(t, string(append(got, rest...)), string(want))
+
 	// CloseWithError: both sides get the error, queued bytes are dropped.
 	q := newStreamPipe(10)
 	q.Write([]byte("lost"))
@@ -620,4 +646,232 @@ func TestStreamReviewRegressions(t *testing.T) {
 		var m Num
 		assertCode(t, st.Recv(&m), CodeInternal) // done, not half-read
 	})
+}
+
+// streamCountingConn counts the reads that reach the connection.
+type streamCountingConn struct {
+	*net.TCPConn
+	reads int
+}
+
+func (c *streamCountingConn) Read(p []byte) (int, error) {
+	c.reads++
+	return c.TCPConn.Read(p)
+}
+
+func TestStreamHandedOffH2ConnReadsThroughABuffer(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	assertNoError(t, err)
+	defer ln.Close()
+	peer, err := net.Dial("tcp", ln.Addr().String())
+	assertNoError(t, err)
+	defer peer.Close()
+	raw, err := ln.Accept()
+	assertNoError(t, err)
+	defer raw.Close()
+	under := &streamCountingConn{TCPConn: raw.(*net.TCPConn)}
+	prefix := []byte("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+	c := &http1PrefixConn{Conn: under, prefix: prefix, br: bufio.NewReaderSize(under, http1H2ReadBuffer)}
+
+	// The prefix comes first, then frames: 9-byte headers and payloads,
+	// which one read of the connection brings in.
+	frames := bytes.Repeat([]byte("123456789abcdefghijklmnopqrstuvwxyz"), 100)
+	_, err = peer.Write(frames)
+	assertNoError(t, err)
+	got := make([]byte, len(prefix))
+	_, err = io.ReadFull(c, got)
+	assertNoError(t, err)
+	assertEqual(t, string(got), string(prefix))
+	assertEqual(t, under.reads, 0)
+	var all []byte
+	for len(all) < len(frames) {
+		h := make([]byte, 9)
+		_, err := io.ReadFull(c, h)
+		assertNoError(t, err)
+		p := make([]byte, 26)
+		_, err = io.ReadFull(c, p)
+		assertNoError(t, err)
+		all = append(append(all, h...), p...)
+	}
+	assertEqual(t, string(all), string(frames))
+	if under.reads > 3 { // one, unless the bytes arrived in pieces
+		t.Errorf("%d reads of the connection for %d bytes in 200 small reads", under.reads, len(frames))
+	}
+
+	// A read at least as large as the buffer, with nothing buffered, goes
+	// straight to the connection.
+	big := bytes.Repeat([]byte{7}, 3*http1H2ReadBuffer)
+	go peer.Write(big)
+	reads := under.reads
+	p := make([]byte, len(big))
+	_, err = io.ReadFull(c, p)
+	assertNoError(t, err)
+	assertEqual(t, bytes.Equal(p, big), true)
+	if c.br.Buffered() != 0 {
+		t.Errorf("%d bytes left in the buffer", c.br.Buffered())
+	}
+	t.Logf("%d reads for %d bytes", under.reads-reads, len(big))
+
+	// Deadlines still apply, and the write side still half-closes.
+	assertNoError(t, c.SetReadDeadline(time.Now().Add(-time.Second)))
+	if _, err := c.Read(make([]byte, 1)); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("read past the deadline: %v", err)
+	}
+	assertNoError(t, c.CloseWrite())
+	if n, err := peer.Read(make([]byte, 1)); err != io.EOF {
+		t.Fatalf("peer read after CloseWrite: %d, %v", n, err)
+	}
+}
+
+// streamGateConn is a connection whose writes wait for the test: each
+// announces itself on started and returns when gate lets it.
+type streamGateConn struct {
+	net.Conn // unused methods
+	started  chan string
+	gate     chan error
+	closed   chan struct{}
+	mu       sync.Mutex
+	readShut bool
+	deadline time.Time
+}
+
+func newStreamGateConn() *streamGateConn {
+	return &streamGateConn{started: make(chan string), gate: make(chan error), closed: make(chan struct{})}
+}
+
+func (c *streamGateConn) Write(p []byte) (int, error) {
+	c.started <- string(p)
+	if err := <-c.gate; err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+func (c *streamGateConn) Close() error { close(c.closed); return nil }
+
+func (c *streamGateConn) CloseRead() error {
+	c.mu.Lock()
+	c.readShut = true
+	c.mu.Unlock()
+	return nil
+}
+
+func (c *streamGateConn) SetWriteDeadline(t time.Time) error {
+	c.mu.Lock()
+	c.deadline = t
+	c.mu.Unlock()
+	return nil
+}
+
+func TestStreamWriterGathersWritesAndClosesAfterThem(t *testing.T) {
+	checkGoroutines(t)
+	c := newStreamGateConn()
+	var w streamWriter
+	w.init(c)
+
+	// While one write is under way, later ones gather into the next.
+	w.Write([]byte("a"))
+	assertEqual(t, <-c.started, "a")
+	for _, s := range []string{"b", "c", "d"} {
+		n, err := w.Write([]byte(s))
+		assertNoError(t, err)
+		assertEqual(t, n, 1)
+	}
+	c.gate <- nil
+	assertEqual(t, <-c.started, "bcd")
+	c.gate <- nil
+	assertNoError(t, w.flush())
+
+	// Close with a write under way: readers stop at once, later writes
+	// fail, and the connection closes once the queue is out, within the
+	// linger.
+	w.Write([]byte("e"))
+	assertEqual(t, <-c.started, "e")
+	w.Write([]byte("f"))
+	assertNoError(t, w.close())
+	if _, err := w.Write([]byte("late")); !errors.Is(err, net.ErrClosed) {
+		t.Fatalf("Write after Close: %v", err)
+	}
+	c.mu.Lock()
+	assertEqual(t, c.readShut, true)
+	if c.deadline.IsZero() {
+		t.Error("no write deadline bounds the queue's last writes")
+	}
+	c.mu.Unlock()
+	select {
+	case <-c.closed:
+		t.Fatal("closed before the queue went out")
+	default:
+	}
+	c.gate <- nil
+	assertEqual(t, <-c.started, "f")
+	c.gate <- nil
+	<-c.closed
+	if err := w.close(); !errors.Is(err, net.ErrClosed) {
+		t.Fatalf("second Close: %v", err)
+	}
+
+	// A write error closes the connection and comes back from every later
+	// Write.
+	c2 := newStreamGateConn()
+	var w2 streamWriter
+	w2.init(c2)
+	w2.Write([]byte("x"))
+	<-c2.started
+	w2.Write([]byte("y"))
+	boom := errors.New("boom")
+	c2.gate <- boom
+	<-c2.closed
+	if err := w2.flush(); err != boom {
+		t.Fatalf("flush after the failure: %v", err)
+	}
+	if _, err := w2.Write([]byte("z")); err != boom {
+		t.Fatalf("Write after the failure: %v", err)
+	}
+}
+
+func TestStreamWriterKeepsOrderUnderLoad(t *testing.T) {
+	checkGoroutines(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	assertNoError(t, err)
+	defer ln.Close()
+	raw, err := net.Dial("tcp", ln.Addr().String())
+	assertNoError(t, err)
+	peer, err := ln.Accept()
+	assertNoError(t, err)
+	defer peer.Close()
+	c := newStreamConn(raw)
+	// Writers in turn under a lock, as net/http's writers are, with more
+	// than the queue holds in all.
+	var mu sync.Mutex
+	var want bytes.Buffer
+	var wg sync.WaitGroup
+	for g := 0; g < 4; g++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < 500; i++ {
+				mu.Lock()
+				m := fmt.Appendf(nil, "<%d:%d:%s>", g, i, strings.Repeat("x", i%300))
+				want.Write(m)
+				_, err := c.Write(m)
+				mu.Unlock()
+				if err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		}()
+	}
+	got := make(chan []byte)
+	go func() {
+		b, _ := io.ReadAll(peer)
+		got <- b
+	}()
+	wg.Wait()
+	assertNoError(t, c.Close()) // what is queued still goes out
+	b := <-got
+	if !bytes.Equal(b, want.Bytes()) {
+		t.Fatalf("the peer read %d bytes, not the %d written in order", len(b), want.Len())
+	}
 }
