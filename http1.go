@@ -36,6 +36,11 @@ import (
 // header block goes to net/http, which applies MaxHeaderBytes.
 const http1HeaderBuffer = 4096
 
+// http1ReadBuffer is a connection's read buffer, on both sides: large enough
+// that one read takes several pipelined requests or replies with their
+// bodies.
+const http1ReadBuffer = 16 << 10
+
 var (
 	http1Past      = time.Unix(1, 0)
 	http1HeaderEnd = []byte("\r\n\r\n")
@@ -111,7 +116,7 @@ func (r *http1ConnReader) Read(p []byte) (int, error) {
 func newHTTP1ServerConn(s *Server, c net.Conn) *http1ServerConn {
 	sc := &http1ServerConn{s: s, c: c}
 	sc.src.sc = sc
-	sc.br = bufio.NewReaderSize(&sc.src, http1HeaderBuffer)
+	sc.br = bufio.NewReaderSize(&sc.src, http1ReadBuffer)
 	sc.watchFn = sc.watch
 	return sc
 }
@@ -404,7 +409,7 @@ const (
 // request smuggling attempt, which RFC 9112 §6.3 lets a server refuse),
 // which is refused. An error means the header did not arrive.
 func (s *Server) http1Classify(br *bufio.Reader) (req http1Request, verdict int, err error) {
-	hdr, err := http1PeekHead(br)
+	hdr, err := http1PeekHead(br, http1HeaderBuffer)
 	if err != nil {
 		return req, 0, err
 	}
@@ -759,7 +764,7 @@ type http1Head struct {
 // it matches, so a normal reply costs no string.
 func http1ReadHead(br *bufio.Reader, wantCT string, headers bool, maxRsp int64) (h http1Head, pre []byte, err error) {
 	h.length = -1
-	hdr, err := http1PeekHead(br)
+	hdr, err := http1PeekHead(br, br.Size())
 	if err != nil {
 		return h, nil, err
 	}
@@ -808,14 +813,15 @@ const http1MaxForeignHead = 1 << 20
 
 // http1PeekHead returns the buffered header block up to its final CRLF
 // (without the blank line), reading more as needed, or nil if it does not
-// fit in the buffer.
-func http1PeekHead(br *bufio.Reader) ([]byte, error) {
+// fit in limit bytes (or the buffer).
+func http1PeekHead(br *bufio.Reader, limit int) ([]byte, error) {
+	limit = min(limit, br.Size())
 	for {
 		b, _ := br.Peek(br.Buffered())
-		if i := bytes.Index(b, http1HeaderEnd); i >= 0 {
+		if i := bytes.Index(b, http1HeaderEnd); i >= 0 && i+4 <= limit {
 			return b[:i+2], nil
 		}
-		if len(b) >= br.Size() {
+		if len(b) >= limit {
 			return nil, nil
 		}
 		if _, err := br.Peek(len(b) + 1); err != nil {

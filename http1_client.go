@@ -299,7 +299,7 @@ func (p *http1Client) start(ctx context.Context, call *http1Call, fresh bool) (*
 	}
 	cc := &http1ClientConn{c: c, probe: newHTTP1Prober(c), addr: call.addr, node: n, p: p}
 	cc.rd.cc = cc
-	cc.br = bufio.NewReaderSize(&cc.rd, 4096)
+	cc.br = bufio.NewReaderSize(&cc.rd, http1ReadBuffer)
 	p.enqueueLocked(cc, call) // new: nobody else can write
 	p.mu.Unlock()
 	p.write(ctx, cc, call)
@@ -607,7 +607,7 @@ func (cc *http1ClientConn) readTurn(call *http1Call, maxRsp int64, headers bool)
 		w := cc.queue[0]
 		cc.mu.Unlock()
 		mine := w == &call.w
-		if _, err := http1PeekHead(cc.br); err != nil {
+		if _, err := http1PeekHead(cc.br, cc.br.Size()); err != nil {
 			return head, nil, true, err
 		}
 		h, pre, err := http1ReadHead(cc.br, call.codec.ContentType(), headers && mine, maxRsp)

@@ -491,7 +491,7 @@ func TestHTTP1ParseHeadTakesOurReplies(t *testing.T) {
 		{status: 404, contentType: ContentTypeJSON, md: MD{"X-A": "b"}, body: []byte(`{"code":"not_found"}`)},
 	} {
 		b := http1AppendReplyHeader(nil, rep, false)
-		hdr, err := http1PeekHead(bufio.NewReader(bytes.NewReader(b)))
+		hdr, err := http1PeekHead(bufio.NewReader(bytes.NewReader(b)), 4096)
 		assertNoError(t, err)
 		h := http1Head{length: -1}
 		if !http1ParseHead(hdr, ContentTypeBytes, false, &h) {
@@ -516,7 +516,7 @@ func FuzzHTTP1ReadHead(f *testing.F) {
 	f.Add([]byte("HTTP/1.1 204 No Content\r\n\r\n"))
 	f.Add([]byte("HTTP/1.1 200 OK\r\nContent-Length: 01\r\nContent-Length: 1\r\n\r\nx"))
 	f.Fuzz(func(t *testing.T, data []byte) {
-		hdr, _ := http1PeekHead(bufio.NewReaderSize(bytes.NewReader(data), 4096))
+		hdr, _ := http1PeekHead(bufio.NewReaderSize(bytes.NewReader(data), 4096), 4096)
 		var h http1Head
 		h.length = -1
 		if hdr == nil || !http1ParseHead(hdr, ContentTypeJSON, true, &h) {
