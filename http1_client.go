@@ -85,6 +85,7 @@ type http1ClientConn struct {
 
 	mu       sync.Mutex
 	queue    []*http1Wait // calls whose replies are unread, in request order
+	qarr     [4]*http1Wait // queue's array while it is short
 	reading  bool         // a caller holds the read turn
 	inRead   bool         // it waits on the network
 	skip     int64        // bytes of an abandoned reply's body still to discard
@@ -358,6 +359,9 @@ func (p *http1Client) enqueueLocked(cc *http1ClientConn, call *http1Call) (write
 	}
 	call.w.end = cc.wbytes
 	cc.wcalls = append(cc.wcalls, &call.w)
+	if len(cc.queue) == 0 {
+		cc.queue = cc.qarr[:0]
+	}
 	cc.queue = append(cc.queue, &call.w)
 	if p.enqueued != nil {
 		p.enqueued()
@@ -660,9 +664,6 @@ func (cc *http1ClientConn) popLocked(w *http1Wait) {
 	}
 	cc.queue[0] = nil
 	cc.queue = cc.queue[1:]
-	if len(cc.queue) == 0 {
-		cc.queue = cc.queue[:0:0] // let the array go, and its pointers
-	}
 }
 
 // passTurnLocked gives the read turn to the first caller still waiting. A
