@@ -84,20 +84,20 @@ type http1ClientConn struct {
 	dropped bool // no longer counted in node.open
 
 	mu       sync.Mutex
-	queue    []*http1Wait // calls whose replies are unread, in request order
+	queue    []*http1Wait  // calls whose replies are unread, in request order
 	qarr     [4]*http1Wait // queue's array while it is short
-	reading  bool         // a caller holds the read turn
-	inRead   bool         // it waits on the network
-	skip     int64        // bytes of an abandoned reply's body still to discard
-	wq       []http1Seg   // requests queued for the next write
-	wbytes   int          // bytes in wq
-	wcalls   []*http1Wait // the calls in wq (a server may answer before a request is written, so not the end of queue)
-	writing  bool         // a caller is writing
-	inWrite  []*http1Wait // the calls of the write under way; the writer's
-	wspare   []http1Seg   // the writer's
-	wbufs    net.Buffers  // the writer's
-	fromIdle bool         // taken from idle, and no reply read since
-	broken   error        // once set, nothing more goes on the connection
+	reading  bool          // a caller holds the read turn
+	inRead   bool          // it waits on the network
+	skip     int64         // bytes of an abandoned reply's body still to discard
+	wq       []http1Seg    // requests queued for the next write
+	wbytes   int           // bytes in wq
+	wcalls   []*http1Wait  // the calls in wq (a server may answer before a request is written, so not the end of queue)
+	writing  bool          // a caller is writing
+	inWrite  []*http1Wait  // the calls of the write under way; the writer's
+	wspare   []http1Seg    // the writer's
+	wbufs    net.Buffers   // the writer's
+	fromIdle bool          // taken from idle, and no reply read since
+	broken   error         // once set, nothing more goes on the connection
 
 	// The caller whose deadline and cancellation the connection's write and
 	// read deadlines serve.
