@@ -112,9 +112,13 @@ type http1ConnSource struct{ cc *http1ClientConn }
 
 func (r *http1ConnSource) Read(b []byte) (int, error) {
 	cc := r.cc
-	cc.p.write(nil, cc, cc.reader)
 	cc.mu.Lock()
-	cc.inRead = true
+	for len(cc.wq) > 0 && !cc.writing && cc.broken == nil {
+		cc.writing = true
+		cc.p.writeLoop(cc, false, false) // releases cc.mu
+		cc.mu.Lock()
+	}
+	cc.inRead = true // in the same hold of mu that saw nothing left to write
 	cc.mu.Unlock()
 	n, err := cc.c.Read(b)
 	cc.mu.Lock()
@@ -176,10 +180,8 @@ func newHTTP1Client() *http1Client {
 // server. With headers, the reply's headers are kept even on success.
 func (p *http1Client) roundTrip(ctx context.Context, call *http1Call, maxRsp int64, headers bool) (head http1Head, body *[]byte, sent bool, err error) {
 	for fresh := false; ; fresh = true {
-		if fresh { // the first attempt's place may still be referred to
-			again := *call
-			again.w = http1Wait{}
-			call = &again
+		if fresh { // the first attempt's place may still be referred to, and written
+			call = &http1Call{addr: call.addr, path: call.path, codec: call.codec, body: call.body, md: call.md, deadline: call.deadline}
 		}
 		cc, err := p.start(ctx, call, fresh)
 		if err != nil {
@@ -384,12 +386,19 @@ func (p *http1Client) publish(cc *http1ClientConn) {
 	p.mu.Unlock()
 }
 
+// http1SpillAfter is how long a caller's write of small requests may block
+// before the rest of it goes on in a goroutine of its own. The caller may be
+// the one to read the next replies, and a server blocked writing those reads
+// no more requests: a caller blocked in a write must not hold up the reading.
+const http1SpillAfter = time.Millisecond
+
 // write writes what is queued on cc, unless another caller is writing: that
-// one takes the queued requests along. The write ends by call's deadline
-// and, when call has a large body (written alone: its connection is busy
-// only after it), when ctx ends. A write of small requests, perhaps other
-// callers' too, is short unless the server stops reading, and a caller that
-// gives up does not break it for the others.
+// one takes the queued requests along. Small requests, perhaps other
+// callers' too, are written under no caller's deadline: one caller giving up
+// does not break the connection for the others, and a write that would
+// block goes on in a goroutine (see http1SpillAfter). A large body (written
+// alone: its connection is busy only after it) is written by its caller,
+// by its deadline, and stops when ctx ends.
 func (p *http1Client) write(ctx context.Context, cc *http1ClientConn, call *http1Call) {
 	cc.mu.Lock()
 	if cc.writing || len(cc.wq) == 0 || cc.broken != nil {
@@ -397,25 +406,39 @@ func (p *http1Client) write(ctx context.Context, cc *http1ClientConn, call *http
 		return
 	}
 	cc.writing = true
-	if ctx != nil && ctx.Done() != nil && len(call.body) > 64<<10 {
-		stop := context.AfterFunc(ctx, func() {
+	big := len(call.body) > 64<<10
+	if big {
+		if ctx.Done() != nil {
+			stop := context.AfterFunc(ctx, func() {
+				cc.dlMu.Lock()
+				if cc.writer == call {
+					cc.c.SetWriteDeadline(http1Past)
+				}
+				cc.dlMu.Unlock()
+			})
+			defer stop()
+		}
+		cc.dlMu.Lock()
+		cc.writer = call
+		if ctx.Err() != nil {
+			cc.c.SetWriteDeadline(http1Past)
+		} else {
+			cc.c.SetWriteDeadline(call.deadline)
+		}
+		cc.dlMu.Unlock()
+		defer func() {
 			cc.dlMu.Lock()
-			if cc.writer == call {
-				cc.c.SetWriteDeadline(http1Past)
-			}
+			cc.writer = nil
 			cc.dlMu.Unlock()
-		})
-		defer stop()
+		}()
 	}
-	cc.dlMu.Lock()
-	cc.writer = call
-	if ctx != nil && ctx.Err() != nil && len(call.body) > 64<<10 {
-		cc.c.SetWriteDeadline(http1Past)
-	} else {
-		cc.c.SetWriteDeadline(call.deadline)
-	}
-	cc.dlMu.Unlock()
-	var failed bool
+	p.writeLoop(cc, big, false)
+}
+
+// writeLoop writes batches while requests are queued. It is called with
+// cc.mu held and cc.writing set, and returns with cc.mu released and
+// cc.writing cleared, or handed to a goroutine that goes on writing.
+func (p *http1Client) writeLoop(cc *http1ClientConn, big, spilled bool) {
 	for len(cc.wq) > 0 && cc.broken == nil {
 		segs := cc.wq
 		cc.wq, cc.wspare = cc.wspare[:0], nil
@@ -435,39 +458,68 @@ func (p *http1Client) write(ctx context.Context, cc *http1ClientConn, call *http
 			}
 		}
 		cc.wbufs = bufs
+		if !big {
+			if spilled {
+				cc.c.SetWriteDeadline(time.Time{})
+			} else {
+				cc.c.SetWriteDeadline(time.Now().Add(http1SpillAfter))
+			}
+		}
 		n, err := bufs.WriteTo(cc.c) // consumes bufs, not cc.wbufs
-		clear(cc.wbufs)
-		for _, sg := range segs {
-			if sg.bp != nil {
-				http1PutBuf(sg.bp)
-			}
+		if err != nil && !big && !spilled && errors.Is(err, os.ErrDeadlineExceeded) {
+			go func() { // the rest, in a goroutine of its own
+				cc.c.SetWriteDeadline(time.Time{})
+				m, err := bufs.WriteTo(cc.c)
+				if p.wrote(cc, segs, n+m, err) {
+					p.writeLoop(cc, false, true)
+				}
+			}()
+			return
 		}
-		clear(segs)
-		cc.mu.Lock()
-		cc.wspare = segs[:0]
-		if err != nil {
-			stale := cc.fromIdle && http1Stale(err)
-			for _, w := range cc.inWrite {
-				w.written = int64(w.end) <= n
-				w.retry = !w.written || stale
-			}
-			cc.failLocked(err, false)
-			failed = true
-			break
+		if !p.wrote(cc, segs, n, err) {
+			return
 		}
+	}
+	cc.writing = false
+	// A goroutine that wrote the last of it may leave nothing in flight:
+	// nobody else would make the connection idle.
+	idle := spilled && cc.broken == nil && !cc.reading && len(cc.queue) == 0
+	cc.mu.Unlock()
+	if idle {
+		p.put(cc)
+	}
+}
+
+// wrote settles a write of segs that wrote n bytes. It returns with cc.mu
+// held and true, or, when the write failed, with cc.mu released, writing
+// cleared and cc failed.
+func (p *http1Client) wrote(cc *http1ClientConn, segs []http1Seg, n int64, err error) bool {
+	clear(cc.wbufs)
+	for _, sg := range segs {
+		if sg.bp != nil {
+			http1PutBuf(sg.bp)
+		}
+	}
+	clear(segs)
+	cc.mu.Lock()
+	cc.wspare = segs[:0]
+	if err == nil {
 		for _, w := range cc.inWrite {
 			w.written = true
 		}
+		return true
+	}
+	stale := cc.fromIdle && http1Stale(err)
+	for _, w := range cc.inWrite {
+		w.written = int64(w.end) <= n
+		w.retry = !w.written || stale
 	}
 	clear(cc.inWrite)
+	cc.failLocked(err, false)
 	cc.writing = false
 	cc.mu.Unlock()
-	cc.dlMu.Lock()
-	cc.writer = nil
-	cc.dlMu.Unlock()
-	if failed {
-		p.drop(cc)
-	}
+	p.drop(cc)
+	return false
 }
 
 // finish waits for call's turn to read, reads its reply, and hands on the
@@ -570,7 +622,7 @@ func (p *http1Client) finish(ctx context.Context, cc *http1ClientConn, call *htt
 		cc.failLocked(err, errors.Is(err, errHTTP1Ended) && head.final)
 	}
 	broken := cc.broken != nil
-	idle := !broken && !cc.reading && len(cc.queue) == 0
+	idle := !broken && !cc.reading && len(cc.queue) == 0 && len(cc.wq) == 0 && !cc.writing
 	sent, retry = w.handed && !w.retry, w.retry
 	if err == nil {
 		sent, retry = true, false
@@ -700,7 +752,7 @@ func (cc *http1ClientConn) failLocked(err error, unserved bool) {
 	cc.c.Close()
 	for _, w := range cc.queue {
 		if w.state == http1Queued || w.state == http1Turn {
-			if !w.written || unserved {
+			if !w.handed || unserved { // one being written is settled by its writer
 				w.retry = true
 			}
 			w.state, w.err = http1Failed, err
@@ -763,7 +815,7 @@ func (p *http1Client) put(cc *http1ClientConn) {
 	cc.mu.Lock()
 	// Only a busy connection goes idle: one taken from idle meanwhile, and
 	// not yet busy again, is another caller's, whatever an earlier put says.
-	if cc.broken != nil || cc.reading || len(cc.queue) > 0 || cc.dropped || !cc.isBusy {
+	if cc.broken != nil || cc.reading || len(cc.queue) > 0 || len(cc.wq) > 0 || cc.writing || cc.dropped || !cc.isBusy {
 		cc.mu.Unlock()
 		p.mu.Unlock()
 		return
