@@ -344,7 +344,7 @@ func (r *MDNSRegistry) loop() {
 
 		d := time.Hour
 		if !next.IsZero() {
-			d = max(next.Sub(time.Now()), 0)
+			d = max(time.Until(next), 0)
 		}
 		timer.Reset(d)
 		select {
