@@ -29,7 +29,9 @@ import (
 // lists the registry, indexes the entries by topic, keeps the index until a
 // registry watch reports a change, and delivers to every plain subscriber
 // and to one member of each queue group (picked by the client's
-// [Balancer]; on failure, another member).
+// [Balancer]; on failure, another member). On mDNS the first publish of a
+// process waits for that listing: one round trip and the settle time
+// ([MDNSListSettle]), or the lookup wait if nothing on the link answers.
 //
 // Deliveries to one node that queue up while two requests to it are in
 // flight are gathered into one request (up to 512 messages or 256 KiB),

@@ -822,3 +822,22 @@ func TestMemoryBrokerZeroValue(t *testing.T) {
 	assertCode(t, b.Publish(context.Background(), "a.b", &Message{Body: make([]byte, DefaultMaxMessageSize+1)}), CodeResourceExhausted)
 	assertNoError(t, b.Close())
 }
+
+// TestBrokerFirstPublishOnColdMDNS publishes from a fresh process's view of
+// the link (an mDNS registry that has heard nothing yet, its lookup wait a
+// minute): the publish must find the subscriber once the link has answered,
+// not wait out the lookup wait (the deadline is only the guard).
+func TestBrokerFirstPublishOnColdMDNS(t *testing.T) {
+	checkGoroutines(t)
+	subReg, pubReg := newTestMDNS(t), newTestMDNS(t, MDNSLookupWait(time.Minute))
+	rec := &brokerRecorder{name: "cold-sub"}
+	newSubscriberService(t, subReg, "cold-sub", "cold.topic", rec.typed, nil)
+	pub := newTestService(t, "cold-pub", nil, WithRegistry(pubReg))
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	var delivered int
+	err := pub.Client().Publish(ctx, "cold.topic", &UserCreated{ID: 1, Name: "ada"}, Delivered(&delivered))
+	assertNoError(t, err)
+	assertEqual(t, delivered, 1)
+	assertEqual(t, rec.count(), 1)
+}

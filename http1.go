@@ -12,7 +12,6 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 )
 
@@ -956,7 +955,7 @@ func http1ReadN(br *bufio.Reader, bp *[]byte, n int64) error {
 // http1Stale reports whether an error on a reused connection means the server
 // had closed it before our request: the request was not served.
 func http1Stale(err error) bool {
-	return errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)
+	return errors.Is(err, io.EOF) || http1Reset(err)
 }
 
 // http1AppendRequest appends a call's request line and headers.

@@ -1,8 +1,12 @@
-//go:build !(linux || darwin || freebsd || netbsd || openbsd || dragonfly)
+//go:build !(linux || darwin || freebsd || netbsd || openbsd || dragonfly || plan9)
 
 package micro
 
-import "net"
+import (
+	"errors"
+	"net"
+	"syscall"
+)
 
 // http1Prober cannot look at the socket here; a dead connection shows up as
 // an error on its first use instead.
@@ -11,3 +15,10 @@ type http1Prober struct{}
 func newHTTP1Prober(net.Conn) *http1Prober { return nil }
 
 func (p *http1Prober) check() bool { return true }
+
+// http1Reset reports whether err says the peer reset the connection or had
+// closed it when we wrote (as the platform's errno says so: on Windows the
+// WSA codes do not match these, and only EOF marks a stale connection).
+func http1Reset(err error) bool {
+	return errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)
+}

@@ -3,6 +3,7 @@
 package micro
 
 import (
+	"errors"
 	"net"
 	"syscall"
 )
@@ -48,4 +49,10 @@ func (p *http1Prober) check() bool {
 	p.alive = true
 	err := p.rc.Read(p.fn)
 	return p.alive && err == nil
+}
+
+// http1Reset reports whether err says the peer reset the connection or had
+// closed it when we wrote.
+func http1Reset(err error) bool {
+	return errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)
 }

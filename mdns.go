@@ -41,8 +41,9 @@ import (
 //
 // As a browser it hears every _micro._tcp announcement on the link, caches
 // records for their TTL (refreshing those in use at 80-95 % of it), and
-// feeds Lookup and Watch. Lookup answers from the cache, or queries and
-// returns as soon as the first node of the service is resolved.
+// feeds Lookup, List and Watch. Lookup answers from the cache, or queries and
+// returns as soon as the first node of the service is resolved; List asks
+// and returns once the answers have gone quiet ([MDNSListSettle]).
 //
 // Sockets open on first use (Register, Lookup, List or Watch) on every up,
 // multicast-capable interface, or those of [MDNSInterfaces], for IPv4 and
@@ -65,6 +66,8 @@ type MDNSRegistry struct {
 	view    map[string]*ServiceInfo // instance name → the node it resolves to
 	watch   map[*registryWatcher]struct{}
 	waiters map[*mdnsWaiter]struct{}
+	// listers are the Lists gathering answers, each told of every one heard.
+	listers map[chan struct{}]struct{}
 	asks    map[string]*mdnsInterest // service name ("" for all) → its queries
 	asked   map[string]time.Time     // when each service was last asked for
 	pending map[mdnsPendKey]*mdnsPending
@@ -96,6 +99,7 @@ type mdnsOptions struct {
 	v4, v6     bool
 	probe      bool
 	lookupWait time.Duration
+	settle     time.Duration
 	open       func() ([]mdnsConn, map[int]*mdnsIface, error) // test seam
 }
 
@@ -123,17 +127,28 @@ func MDNSProbe(on bool) MDNSOption {
 }
 
 // MDNSLookupWait bounds how long Lookup waits for a service it has no
-// record of, when its context allows longer (default 1s). Answers arrive
-// within about 150 ms on a link; a service that does not answer by then is
-// taken to be absent.
+// record of, and List for a first answer from the link, when the context
+// allows longer (default 1s). Answers arrive within about 150 ms on a link;
+// a node that does not answer by then is taken to be absent.
 func MDNSLookupWait(d time.Duration) MDNSOption {
 	return func(o *mdnsOptions) { o.lookupWait = d }
+}
+
+// MDNSListSettle is how long List keeps gathering after the last answer it
+// heard before it returns (default 50ms). Responders answer List's one-shot
+// query at once, so on a wired link every node has answered within a few
+// milliseconds of the first; raise it on links that deliver multicast late
+// (Wi-Fi power saving holds it until the next beacon, ~100-300 ms). A node
+// that answers later is missed by that List, not by the next one or by a
+// Watch.
+func MDNSListSettle(d time.Duration) MDNSOption {
+	return func(o *mdnsOptions) { o.settle = d }
 }
 
 // NewMDNSRegistry returns an mDNS registry. It checks the options now and
 // opens its sockets on first use.
 func NewMDNSRegistry(opts ...MDNSOption) (*MDNSRegistry, error) {
-	o := mdnsOptions{v4: true, v6: true, lookupWait: time.Second}
+	o := mdnsOptions{v4: true, v6: true, lookupWait: time.Second, settle: mdnsListSettle}
 	for _, opt := range opts {
 		opt(&o)
 	}
@@ -148,6 +163,9 @@ func NewMDNSRegistry(opts ...MDNSOption) (*MDNSRegistry, error) {
 	if o.lookupWait <= 0 {
 		o.lookupWait = time.Second
 	}
+	if o.settle <= 0 {
+		o.settle = mdnsListSettle
+	}
 	return &MDNSRegistry{
 		opts:    o,
 		entries: make(map[string]*mdnsEntry),
@@ -155,6 +173,7 @@ func NewMDNSRegistry(opts ...MDNSOption) (*MDNSRegistry, error) {
 		view:    make(map[string]*ServiceInfo),
 		watch:   make(map[*registryWatcher]struct{}),
 		waiters: make(map[*mdnsWaiter]struct{}),
+		listers: make(map[chan struct{}]struct{}),
 		asks:    make(map[string]*mdnsInterest),
 		asked:   make(map[string]time.Time),
 		pending: make(map[mdnsPendKey]*mdnsPending),
@@ -325,7 +344,7 @@ func (r *MDNSRegistry) loop() {
 
 		d := time.Hour
 		if !next.IsZero() {
-			d = max(next.Sub(time.Now()), 0)
+			d = max(time.Until(next), 0)
 		}
 		timer.Reset(d)
 		select {
@@ -685,8 +704,17 @@ func (r *MDNSRegistry) handleLocked(p mdnsIn, now time.Time) {
 		if !p.oneShot {
 			r.conflictsLocked(&m, now)
 		}
-		if r.cache.absorb(&m, ifc.index, ifc.name, p.oneShot, now) {
+		changed, heard := r.cache.absorb(&m, ifc.index, ifc.name, p.oneShot, now)
+		if changed {
 			r.publishLocked()
+		}
+		if heard {
+			for ch := range r.listers {
+				select {
+				case ch <- struct{}{}:
+				default: // it has one to take already
+				}
+			}
 		}
 		return
 	}
@@ -1242,8 +1270,15 @@ func (r *MDNSRegistry) Lookup(ctx context.Context, name string) ([]*ServiceInfo,
 }
 
 // List returns every service known on the link. Unless something has been
-// browsing all services for a second already, it first asks and gathers
-// answers for the lookup wait (or until ctx ends).
+// browsing all services for a second already, it first asks (a multicast
+// query, and a one-shot query that responders answer at once) and gathers
+// answers until they have gone quiet for the settle time
+// ([MDNSListSettle], 50ms) after the last one. If nothing answers, it
+// gathers for the whole lookup wait ([MDNSLookupWait]), and it never gathers
+// longer than that: a node that has not answered by then is absent. It
+// stops early, with what it has, when ctx ends. So on a link where nodes
+// answer within milliseconds a cold List takes one round trip plus the
+// settle time, not the lookup wait.
 func (r *MDNSRegistry) List(ctx context.Context) ([]*ServiceInfo, error) {
 	if err := r.open(); err != nil {
 		return nil, err
@@ -1254,21 +1289,23 @@ func (r *MDNSRegistry) List(ctx context.Context) ([]*ServiceInfo, error) {
 		return nil, ErrClosed
 	}
 	warm := r.asks[""] != nil && time.Since(r.asks[""].since) > time.Second
+	var heard chan struct{}
+	settle := r.opts.settle
 	if !warm {
+		heard = make(chan struct{}, 1)
+		r.listers[heard] = struct{}{}
 		r.interestLocked("", 1, time.Now())
 		r.oneShotLocked("")
+		if len(r.shots) == 0 { // only the multicast query is answered, 20-120 ms late (§6)
+			settle += 100 * time.Millisecond
+		}
 	}
 	r.mu.Unlock()
 	if !warm {
 		r.poke()
-		t := time.NewTimer(r.opts.lookupWait)
-		select {
-		case <-ctx.Done():
-		case <-t.C:
-		case <-r.done:
-		}
-		t.Stop()
+		r.gather(ctx, heard, settle)
 		r.mu.Lock()
+		delete(r.listers, heard)
 		r.interestLocked("", -1, time.Now())
 		r.mu.Unlock()
 	}
@@ -1278,6 +1315,34 @@ func (r *MDNSRegistry) List(ctx context.Context) ([]*ServiceInfo, error) {
 		return nil, ErrClosed
 	}
 	return r.lookupLocked(""), nil
+}
+
+// mdnsListSettle is the default of [MDNSListSettle].
+const mdnsListSettle = 50 * time.Millisecond
+
+// gather waits until answers, told on heard, have gone quiet for settle
+// after the last, or the lookup wait is over (answered or not), or ctx ends
+// or the registry closes.
+func (r *MDNSRegistry) gather(ctx context.Context, heard <-chan struct{}, settle time.Duration) {
+	wait := time.NewTimer(r.opts.lookupWait)
+	defer wait.Stop()
+	quiet := time.NewTimer(time.Hour)
+	quiet.Stop()
+	defer quiet.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-r.done:
+			return
+		case <-wait.C:
+			return
+		case <-quiet.C:
+			return
+		case <-heard:
+			quiet.Reset(settle)
+		}
+	}
 }
 
 // Watch reports nodes of the service ("" for all) appearing, changing and

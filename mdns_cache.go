@@ -63,21 +63,23 @@ func mdnsInstanceName(name string) bool {
 // and addresses are taken only for _micro._tcp instances and the hosts their
 // SRV records name. Answers to a one-shot query (TTLs capped at 10 s) never
 // shorten what a multicast announcement said. It reports whether anything
-// changed.
-func (c *mdnsCache) absorb(m *dnsmessage.Message, ifIndex int, ifName string, oneShot bool, now time.Time) bool {
-	changed := false
+// changed, and whether the response told of any instance at all (heard),
+// changed or not.
+func (c *mdnsCache) absorb(m *dnsmessage.Message, ifIndex int, ifName string, oneShot bool, now time.Time) (changed, heard bool) {
 	rrs := slices.Concat(m.Answers, m.Additionals)
 	for i := range rrs {
 		r := &rrs[i]
 		name := strings.ToLower(r.Header.Name.String())
 		switch b := r.Body.(type) {
 		case *dnsmessage.SRVResource:
+			heard = heard || mdnsInstanceName(name)
 			if mdnsInstanceName(name) && c.put(c.srv, name, r, oneShot, now, func(e *mdnsCached) {
 				e.target, e.port = strings.ToLower(b.Target.String()), b.Port
 			}) {
 				changed = true
 			}
 		case *dnsmessage.TXTResource:
+			heard = heard || mdnsInstanceName(name)
 			if mdnsInstanceName(name) && c.put(c.txt, name, r, oneShot, now, func(e *mdnsCached) {
 				e.txt = slices.Clone(b.TXT)
 			}) {
@@ -112,7 +114,7 @@ func (c *mdnsCache) absorb(m *dnsmessage.Message, ifIndex int, ifName string, on
 			changed = true
 		}
 	}
-	return changed
+	return changed, heard
 }
 
 func (c *mdnsCache) put(m map[string]*mdnsCached, name string, r *dnsmessage.Resource, oneShot bool, now time.Time, set func(*mdnsCached)) bool {

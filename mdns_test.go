@@ -534,3 +534,28 @@ func TestMDNSTXT(t *testing.T) {
 	assertEqual(t, mdnsSubtype("Go.Greeter"), "_go-greeter._sub._micro._tcp.local.")
 	assertEqual(t, mdnsHostLabel("Greeter_1.x", 63), "greeter-1-x")
 }
+
+// TestMDNSListReturnsOnceAnswered lists from a fresh registry whose lookup
+// wait is a minute: List must return with the node once the link has
+// answered and gone quiet, not wait out the lookup wait (the context's
+// deadline is only the guard against that).
+func TestMDNSListReturnsOnceAnswered(t *testing.T) {
+	checkGoroutines(t)
+	a := newTestMDNS(t)
+	b := newTestMDNS(t, MDNSLookupWait(time.Minute))
+	assertNoError(t, a.Register(testCtx(t), testNode("mdns-list", "mdns-list-1", "127.0.0.1:4322", nil), time.Minute))
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	all, err := b.List(ctx)
+	assertNoError(t, err)
+	if ctx.Err() != nil {
+		t.Fatal("List waited for the lookup wait after the link had answered")
+	}
+	found := false
+	for _, s := range all {
+		found = found || s.Name == "mdns-list"
+	}
+	if !found {
+		t.Fatalf("List after the answers: %+v", all)
+	}
+}

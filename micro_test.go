@@ -589,3 +589,24 @@ func TestClientDescribe(t *testing.T) {
 		t.Fatalf("describing a missing service: %v", err)
 	}
 }
+
+// TestCrossBuild builds the package for platforms the suite does not run on:
+// plan9 (no ECONNRESET or EPIPE in its syscall package), windows and
+// js/wasm (no socket peeking). Each needs its standard library compiled
+// once (~25 s with a cold build cache, then cached), so -short skips it.
+func TestCrossBuild(t *testing.T) {
+	if testing.Short() {
+		t.Skip("cross builds compile the standard library for other platforms: not with -short")
+	}
+	goTool, err := exec.LookPath("go")
+	if err != nil {
+		t.Skip("no go command")
+	}
+	for _, p := range []struct{ goos, goarch string }{{"plan9", "amd64"}, {"windows", "amd64"}, {"js", "wasm"}} {
+		cmd := exec.Command(goTool, "build", "-o", os.DevNull, ".")
+		cmd.Env = append(os.Environ(), "GOOS="+p.goos, "GOARCH="+p.goarch, "CGO_ENABLED=0", "GOPROXY=off")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Errorf("GOOS=%s GOARCH=%s go build: %v\n%s", p.goos, p.goarch, err, out)
+		}
+	}
+}

@@ -1289,7 +1289,9 @@ func (c *Client) apply(opts []ClientOption) {
 // Call calls endpoint ("Greeter.Hello") of service with req and decodes the
 // reply into rsp, which must be a pointer. A failure is an *Error: the
 // handler's own error with its code, or one made here (CodeUnavailable when no
-// node could be reached, CodeDeadlineExceeded when the deadline passed).
+// node could be reached, CodeDeadlineExceeded when the deadline passed). A ctx
+// that has already ended gets its error back at once (CodeCanceled or
+// CodeDeadlineExceeded, wrapping ctx.Err()) and nothing is sent.
 func (c *Client) Call(ctx context.Context, service, endpoint string, req, rsp any, opts ...CallOption) error {
 	md, _ := ctx.Value(rpcOutgoingKey{}).(MD)
 	if len(c.opts.wrappers) == 0 {
@@ -1309,6 +1311,9 @@ func (c *Client) Call(ctx context.Context, service, endpoint string, req, rsp an
 func (c *Client) callService(ctx context.Context, req *Request, rsp any, opts ...CallOption) error {
 	if c.closed.Load() {
 		return &Error{Code: CodeCanceled, Message: "micro: client closed", cause: ErrClosed}
+	}
+	if err := ctx.Err(); err != nil { // ended already: nothing goes out, not even a lookup
+		return AsError(err)
 	}
 	o := c.opts.call
 	for _, opt := range opts {

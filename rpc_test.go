@@ -15,6 +15,7 @@ import (
 	"net/http/httptest"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -702,4 +703,90 @@ func TestCallContextSemantics(t *testing.T) {
 		c.finish()
 		<-c.Done()
 	})
+}
+
+// TestEndedContextSendsNothing calls and opens streams with a context that
+// has already been canceled or run out, on clients whose connections are
+// up: each returns the context's error as its code says, and nothing
+// reaches the server, neither a request nor a new connection.
+func TestEndedContextSendsNothing(t *testing.T) {
+	checkGoroutines(t)
+	var handled atomic.Int32
+	count := func(next HandlerFunc) HandlerFunc {
+		return func(ctx context.Context, req *Request) (any, error) {
+			handled.Add(1)
+			return next(ctx, req)
+		}
+	}
+	countStream := func(next StreamHandlerFunc) StreamHandlerFunc {
+		return func(ctx context.Context, req *Request, st *Stream) error {
+			handled.Add(1)
+			return next(ctx, req, st)
+		}
+	}
+	srv := NewServer(WrapHandler(count), WrapStream(countStream))
+	assertNoError(t, RegisterHandler(srv, &Greeter{id: "g"}))
+	assertNoError(t, RegisterHandler(srv, newChat()))
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	assertNoError(t, err)
+	cl := &countingListener{Listener: ln}
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(cl) }()
+	t.Cleanup(func() { srv.Close(); <-done })
+	addr := ln.Addr().String()
+	passThrough := func(next CallFunc) CallFunc { return next }
+	clients := map[string]*Client{
+		"fast path": newTestClient(t, WithAddress(addr)),
+		"transport": newTestClient(t, WithAddress(addr), WithTransport(&http.Transport{})),
+		"wrapped":   newTestClient(t, WithAddress(addr), WrapCall(passThrough)),
+	}
+	for _, c := range clients { // connections up, for streams and for calls
+		st, err := c.Stream(context.Background(), "chat", "Chat.Echo")
+		assertNoError(t, err)
+		assertNoError(t, st.Send(&Num{N: 1}))
+		var m Num
+		assertNoError(t, st.Recv(&m))
+		assertNoError(t, st.Close())
+		var rsp HelloResponse
+		assertNoError(t, c.Call(context.Background(), "greeter", "Greeter.Hello", &HelloRequest{Name: "x"}, &rsp))
+	}
+	wantHandled, wantConns := handled.Load(), cl.n.Load()
+	if wantHandled != 2*int32(len(clients)) {
+		t.Fatalf("%d calls and streams handled, want %d", wantHandled, 2*len(clients))
+	}
+
+	canceled, cancel := context.WithCancel(context.Background())
+	cancel()
+	expired, cancel2 := context.WithDeadline(context.Background(), time.Now().Add(-time.Second))
+	defer cancel2()
+	for name, c := range clients {
+		for _, tc := range []struct {
+			ctx  context.Context
+			want Code
+			is   error
+		}{{canceled, CodeCanceled, context.Canceled}, {expired, CodeDeadlineExceeded, context.DeadlineExceeded}} {
+			var rsp HelloResponse
+			err := c.Call(tc.ctx, "greeter", "Greeter.Hello", &HelloRequest{Name: "x"}, &rsp)
+			if CodeOf(err) != tc.want || !errors.Is(err, tc.is) {
+				t.Errorf("%s: Call with an ended context: %v, want %v", name, err, tc.want)
+			}
+			st, err := c.Stream(tc.ctx, "chat", "Chat.Echo")
+			if st != nil {
+				t.Errorf("%s: Stream with an ended context opened a stream", name)
+				st.Close()
+			} else if CodeOf(err) != tc.want || !errors.Is(err, tc.is) {
+				t.Errorf("%s: Stream with an ended context: %v, want %v", name, err, tc.want)
+			}
+		}
+	}
+	// A live call on each client after them: once it is handled, anything
+	// the ended ones sent down the same connection has been handled too.
+	for _, c := range clients {
+		var rsp HelloResponse
+		assertNoError(t, c.Call(context.Background(), "greeter", "Greeter.Hello", &HelloRequest{Name: "x"}, &rsp))
+	}
+	if n, conns := handled.Load()-int32(len(clients)), cl.n.Load(); n != wantHandled || conns != wantConns {
+		t.Fatalf("ended contexts reached the server: %d handled, %d connections; want %d and %d",
+			n, conns, wantHandled, wantConns)
+	}
 }

@@ -618,8 +618,10 @@ func streamEndMessage(err error, trailers MD) []byte {
 // reached is replaced by another as long as no message has gone out; after
 // that nothing is retried. The stream's context is ctx: a stream has no
 // default timeout (the client's RequestTimeout is for calls), but a
-// RequestTimeout given here bounds it. Read the stream to its end or Close
-// it, so that its resources are released.
+// RequestTimeout given here bounds it. A ctx that has already ended gets its
+// error back at once (CodeCanceled or CodeDeadlineExceeded, wrapping
+// ctx.Err()) and no stream. Read the stream to its end or Close it, so that
+// its resources are released.
 func (c *Client) Stream(ctx context.Context, service, endpoint string, opts ...CallOption) (*Stream, error) {
 	md, _ := ctx.Value(rpcOutgoingKey{}).(MD)
 	req := &Request{Service: service, Endpoint: endpoint, Header: make(MD, len(md))}
@@ -638,6 +640,9 @@ func (c *Client) Stream(ctx context.Context, service, endpoint string, opts ...C
 func (c *Client) openStream(ctx context.Context, req *Request, opts ...CallOption) (*Stream, error) {
 	if c.closed.Load() {
 		return nil, &Error{Code: CodeCanceled, Message: "micro: client closed", cause: ErrClosed}
+	}
+	if err := ctx.Err(); err != nil { // ended already: nothing goes out, not even a lookup
+		return nil, AsError(err)
 	}
 	o := c.opts.call
 	o.timeout = 0 // a stream lives as long as its caller wants: no default timeout
