@@ -96,6 +96,7 @@ type http1ClientConn struct {
 	inWrite  []*http1Wait  // the calls of the write under way; the writer's
 	wspare   []http1Seg    // the writer's
 	wbufs    net.Buffers   // the writer's
+	wdl      time.Time     // the writer's: the spill deadline set last; zero if another
 	fromIdle bool          // taken from idle, and no reply read since
 	broken   error         // once set, nothing more goes on the connection
 
@@ -418,6 +419,7 @@ func (p *http1Client) write(ctx context.Context, cc *http1ClientConn, call *http
 			})
 			defer stop()
 		}
+		cc.wdl = time.Time{}
 		cc.dlMu.Lock()
 		cc.writer = call
 		if ctx.Err() != nil {
@@ -458,16 +460,18 @@ func (p *http1Client) writeLoop(cc *http1ClientConn, big, spilled bool) {
 			}
 		}
 		cc.wbufs = bufs
-		if !big {
-			if spilled {
-				cc.c.SetWriteDeadline(time.Time{})
-			} else {
-				cc.c.SetWriteDeadline(time.Now().Add(http1SpillAfter))
+		if !big && !spilled {
+			// Setting a deadline costs; one set up to half a spill ago
+			// still serves.
+			if now := time.Now(); cc.wdl.Sub(now) < http1SpillAfter/2 {
+				cc.wdl = now.Add(http1SpillAfter)
+				cc.c.SetWriteDeadline(cc.wdl)
 			}
 		}
 		n, err := bufs.WriteTo(cc.c) // consumes bufs, not cc.wbufs
 		if err != nil && !big && !spilled && errors.Is(err, os.ErrDeadlineExceeded) {
 			go func() { // the rest, in a goroutine of its own
+				cc.wdl = time.Time{}
 				cc.c.SetWriteDeadline(time.Time{})
 				m, err := bufs.WriteTo(cc.c)
 				if p.wrote(cc, segs, n+m, err) {
