@@ -40,12 +40,22 @@ func (g *gate) Pass(ctx context.Context, req *[]byte) (*[]byte, error) {
 
 // newPipeServer serves a gate on a counting listener.
 func newPipeServer(t *testing.T) (*gate, *countingListener) {
+	g, cl, _ := newPipeServerOn(t, nil)
+	return g, cl
+}
+
+// newPipeServerOn serves a gate on a counting listener, made by wrap (if
+// not nil) around a loopback one. The server is closed when the test ends.
+func newPipeServerOn(t *testing.T, wrap func(net.Listener) net.Listener) (*gate, *countingListener, *Server) {
 	t.Helper()
 	g := newGate()
 	srv := NewServer()
 	assertNoError(t, RegisterHandler(srv, g, HandlerName("Gate")))
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	assertNoError(t, err)
+	if wrap != nil {
+		ln = wrap(ln)
+	}
 	cl := &countingListener{Listener: ln}
 	done := make(chan struct{})
 	go func() {
@@ -56,7 +66,7 @@ func newPipeServer(t *testing.T) (*gate, *countingListener) {
 		srv.Close()
 		<-done
 	})
-	return g, cl
+	return g, cl, srv
 }
 
 // newPipeClient makes a client of addr whose fast path opens at most conns
@@ -334,16 +344,7 @@ func TestHTTP1ServerDoesNotHoldARepliesBehindASlowHandler(t *testing.T) {
 // close on the reply it finishes, and serves nothing after it.
 func TestHTTP1ShutdownEndsAPipelineCleanly(t *testing.T) {
 	checkGoroutines(t)
-	g := newGate()
-	srv := NewServer()
-	assertNoError(t, RegisterHandler(srv, g, HandlerName("Gate")))
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	assertNoError(t, err)
-	served := make(chan struct{})
-	go func() {
-		defer close(served)
-		srv.Serve(ln)
-	}()
+	g, ln, srv := newPipeServerOn(t, nil)
 	conn, err := net.Dial("tcp", ln.Addr().String())
 	assertNoError(t, err)
 	defer conn.Close()
@@ -369,7 +370,6 @@ func TestHTTP1ShutdownEndsAPipelineCleanly(t *testing.T) {
 		t.Fatal("a pipelined request was served after Connection: close")
 	}
 	assertNoError(t, <-shut)
-	<-served
 }
 
 // A call with a large body to a server that does not read it ends when its

@@ -32,20 +32,7 @@ func (l smallBufListener) Accept() (net.Conn, error) {
 // replies are read and every call completes.
 func TestHTTP1PipelinedWritesDoNotBlockTheReading(t *testing.T) {
 	checkGoroutines(t)
-	g := newGate()
-	srv := NewServer()
-	assertNoError(t, RegisterHandler(srv, g, HandlerName("Gate")))
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	assertNoError(t, err)
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		srv.Serve(smallBufListener{ln})
-	}()
-	t.Cleanup(func() {
-		srv.Close()
-		<-done
-	})
+	_, ln, _ := newPipeServerOn(t, func(l net.Listener) net.Listener { return smallBufListener{l} })
 	c := newTestClient(t, WithAddress(ln.Addr().String()), Retries(0), RequestTimeout(time.Minute))
 	c.h1.maxConns, c.h1.maxDepth, c.h1.maxWait = 1, 64, time.Hour
 	c.h1.dialer.Control = func(_, _ string, rc syscall.RawConn) error {
