@@ -412,28 +412,8 @@ func FuzzHTTP1ClientReplies(f *testing.F) {
 	f.Add([]byte("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: 41\r\n\r\n{\"code\":\"unavailable\",\"message\":\"busy\"}x"))
 	f.Add([]byte("garbage\r\n\r\n"))
 	f.Fuzz(func(t *testing.T, reply []byte) {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		var wg sync.WaitGroup
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				c, err := ln.Accept()
-				if err != nil {
-					return
-				}
-				wg.Add(1)
-				go func() {
-					defer wg.Done()
-					c.Write(reply)
-					c.Close()
-				}()
-			}
-		}()
-		c := NewClient(WithAddress(ln.Addr().String()), Retries(0), RequestTimeout(10*time.Second))
+		addr := serveConns(t, func(c net.Conn) { c.Write(reply) })
+		c := NewClient(WithAddress(addr), Retries(0), RequestTimeout(10*time.Second))
 		c.h1.maxConns, c.h1.maxDepth, c.h1.maxWait = 1, 64, time.Hour
 		var calls sync.WaitGroup
 		for i := 0; i < 3; i++ {
@@ -449,7 +429,5 @@ func FuzzHTTP1ClientReplies(f *testing.F) {
 		}
 		calls.Wait()
 		c.Close()
-		ln.Close()
-		wg.Wait()
 	})
 }

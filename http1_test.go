@@ -222,6 +222,21 @@ func TestHTTP1SmugglingRefused(t *testing.T) {
 // accepts, then closes the connection.
 func fakeServer(t *testing.T, reply func(c net.Conn)) string {
 	t.Helper()
+	return serveConns(t, func(c net.Conn) {
+		req, err := http.ReadRequest(bufio.NewReader(c))
+		if err != nil {
+			return
+		}
+		io.Copy(io.Discard, req.Body)
+		reply(c)
+	})
+}
+
+// serveConns runs serve on each connection a new loopback listener
+// accepts, and closes the connection after; the listener closes, and every
+// serve has returned, when the test ends.
+func serveConns(t *testing.T, serve func(c net.Conn)) string {
+	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	assertNoError(t, err)
 	var wg sync.WaitGroup
@@ -237,12 +252,7 @@ func fakeServer(t *testing.T, reply func(c net.Conn)) string {
 			go func() {
 				defer wg.Done()
 				defer c.Close()
-				req, err := http.ReadRequest(bufio.NewReader(c))
-				if err != nil {
-					return
-				}
-				io.Copy(io.Discard, req.Body)
-				reply(c)
+				serve(c)
 			}()
 		}
 	}()
