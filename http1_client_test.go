@@ -431,3 +431,28 @@ func FuzzHTTP1ClientReplies(f *testing.F) {
 		c.Close()
 	})
 }
+
+// ConnsPerNode(-1) turns sharing off: eight slow calls at once run on eight
+// connections, all in their handlers together (a call pipelined behind
+// another would not start until that one ended).
+func TestHTTP1ConnsPerNodeCanTurnSharingOff(t *testing.T) {
+	checkGoroutines(t)
+	g, ln := newPipeServer(t)
+	c := newTestClient(t, WithAddress(ln.Addr().String()), Retries(0), ConnsPerNode(-1))
+	c.h1.maxWait = time.Hour // would share, if it shared at all
+	errs := make(chan error, 8)
+	for i := 0; i < 8; i++ {
+		go func() {
+			_, err := callGate(context.Background(), c, fmt.Sprintf("slow %d", i))
+			errs <- err
+		}()
+	}
+	for i := 0; i < 8; i++ {
+		<-g.started
+	}
+	close(g.release)
+	for i := 0; i < 8; i++ {
+		assertNoError(t, <-errs)
+	}
+	assertEqual(t, ln.n.Load(), int32(8))
+}

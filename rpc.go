@@ -11,6 +11,7 @@ import (
 	"io"
 	"log/slog"
 	"maps"
+	"math"
 	"net"
 	"net/http"
 	"net/textproto"
@@ -1210,6 +1211,7 @@ type clientOptions struct {
 	codecs         []Codec
 	logger         *slog.Logger
 	maxRspSize     int64
+	connsPerNode   int // 0: the fast path's default
 	cacheTTL       time.Duration
 	broker         Broker      // for Publish (broker.go)
 	call           callOptions // defaults for every call
@@ -1279,6 +1281,12 @@ func (c *Client) apply(opts []ClientOption) {
 		}}
 	} else {
 		c.h1 = newHTTP1Client()
+		switch n := c.opts.connsPerNode; {
+		case n > 0:
+			c.h1.maxConns = n
+		case n < 0:
+			c.h1.maxConns = math.MaxInt // never shared
+		}
 	}
 	c.call = c.callService
 	for i := len(c.opts.wrappers) - 1; i >= 0; i-- {
@@ -1677,6 +1685,18 @@ func WithTransport(rt http.RoundTripper) ClientOption {
 // WrapCall adds client middleware.
 func WrapCall(w ...CallWrapper) ClientOption {
 	return rpcOption{client: func(o *clientOptions) { o.wrappers = append(o.wrappers, w...) }}
+}
+
+// ConnsPerNode sets how many connections to one node the HTTP/1.1 fast path
+// keeps busy with one call each (default 4). Past that, concurrent calls
+// share them by HTTP/1.1 pipelining: requests made together leave in one
+// write and replies in one read, which is what makes many concurrent calls
+// cheap. A call never waits behind one that has run for more than a
+// millisecond; it gets another connection instead. A negative n turns
+// sharing off: each concurrent call has a connection of its own. It does not
+// apply with [WithTransport].
+func ConnsPerNode(n int) ClientOption {
+	return rpcOption{client: func(o *clientOptions) { o.connsPerNode = n }}
 }
 
 // MaxResponseSize bounds a reply the client reads (default 64 MiB).
