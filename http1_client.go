@@ -99,6 +99,7 @@ type http1ClientConn struct {
 	wdl      time.Time     // the writer's: the spill deadline set last; zero if another
 	fromIdle bool          // taken from idle, and no reply read since
 	broken   error         // once set, nothing more goes on the connection
+	settle   sync.Cond     // on mu: a write's calls were settled (written, or not)
 
 	// The caller whose deadline and cancellation the connection's write and
 	// read deadlines serve.
@@ -141,6 +142,7 @@ type http1Wait struct {
 	end     int  // where the request ends in the write that carries it
 	handed  bool // its request went to a write: it may run
 	written bool // and was wholly written
+	settled bool // its writer has said which (written, retry)
 	retry   bool // it failed without reaching the server: may go elsewhere
 	head    bool // its reply's head was read
 	err     error
@@ -303,6 +305,7 @@ func (p *http1Client) start(ctx context.Context, call *http1Call, fresh bool) (*
 	}
 	cc := &http1ClientConn{c: c, probe: newHTTP1Prober(c), addr: call.addr, node: n, p: p}
 	cc.rd.cc = cc
+	cc.settle.L = &cc.mu
 	cc.br = bufio.NewReaderSize(&cc.rd, http1ReadBuffer)
 	p.enqueueLocked(cc, call) // new: nobody else can write
 	p.mu.Unlock()
@@ -474,13 +477,13 @@ func (p *http1Client) writeLoop(cc *http1ClientConn, big, spilled bool) {
 				cc.wdl = time.Time{}
 				cc.c.SetWriteDeadline(time.Time{})
 				m, err := bufs.WriteTo(cc.c)
-				if p.wrote(cc, segs, n+m, err) {
+				if p.wrote(cc, segs, n+m, err, true) {
 					p.writeLoop(cc, false, true)
 				}
 			}()
 			return
 		}
-		if !p.wrote(cc, segs, n, err) {
+		if !p.wrote(cc, segs, n, err, spilled) {
 			return
 		}
 	}
@@ -497,7 +500,7 @@ func (p *http1Client) writeLoop(cc *http1ClientConn, big, spilled bool) {
 // wrote settles a write of segs that wrote n bytes. It returns with cc.mu
 // held and true, or, when the write failed, with cc.mu released, writing
 // cleared and cc failed.
-func (p *http1Client) wrote(cc *http1ClientConn, segs []http1Seg, n int64, err error) bool {
+func (p *http1Client) wrote(cc *http1ClientConn, segs []http1Seg, n int64, err error, spilled bool) bool {
 	clear(cc.wbufs)
 	for _, sg := range segs {
 		if sg.bp != nil {
@@ -507,16 +510,21 @@ func (p *http1Client) wrote(cc *http1ClientConn, segs []http1Seg, n int64, err e
 	clear(segs)
 	cc.mu.Lock()
 	cc.wspare = segs[:0]
+	defer cc.settle.Broadcast()
 	if err == nil {
 		for _, w := range cc.inWrite {
-			w.written = true
+			w.written, w.settled = true, true
 		}
 		return true
 	}
-	stale := cc.fromIdle && http1Stale(err)
+	// A connection reused from idle that fails at once was closed by the
+	// server before our requests: they were not served. Not after a spill:
+	// by then the server may have been busy with them.
+	stale := !spilled && cc.fromIdle && http1Stale(err)
 	for _, w := range cc.inWrite {
 		w.written = int64(w.end) <= n
 		w.retry = !w.written || stale
+		w.settled = true
 	}
 	clear(cc.inWrite)
 	cc.failLocked(err, false)
@@ -573,6 +581,7 @@ func (p *http1Client) finish(ctx context.Context, cc *http1ClientConn, call *htt
 		}
 	}
 	if w.state == http1Failed {
+		cc.awaitSettledLocked(w)
 		err, sent, retry := w.err, w.handed && !w.retry, w.retry
 		cc.mu.Unlock()
 		return http1Head{}, nil, sent, retry, err
@@ -627,6 +636,9 @@ func (p *http1Client) finish(ctx context.Context, cc *http1ClientConn, call *htt
 	}
 	broken := cc.broken != nil
 	idle := !broken && !cc.reading && len(cc.queue) == 0 && len(cc.wq) == 0 && !cc.writing
+	if broken {
+		cc.awaitSettledLocked(w)
+	}
 	sent, retry = w.handed && !w.retry, w.retry
 	if err == nil {
 		sent, retry = true, false
@@ -709,6 +721,15 @@ func (cc *http1ClientConn) readTurn(call *http1Call, maxRsp int64, headers bool)
 			return h, nil, true, err
 		}
 		return h, out, true, nil
+	}
+}
+
+// awaitSettledLocked waits, on a failed connection, until the write that
+// carries w (closed under it, so soon over) has said how much of w it wrote:
+// until then whether w may go again is unknown.
+func (cc *http1ClientConn) awaitSettledLocked(w *http1Wait) {
+	for w.handed && !w.settled {
+		cc.settle.Wait()
 	}
 }
 
