@@ -63,7 +63,8 @@ type http1Node struct {
 	busy    []*http1ClientConn // calls in flight, open to more
 	open    int                // connections counted: idle, busy, being dialed or checked
 	dialing int                // connections being dialed
-	dialed  chan struct{}      // closed when a dial ends; nil if nobody waits
+	claimed int                // connections taken from idle, being checked
+	ready   chan struct{}      // closed when a dial or a check ends; nil if nobody waits
 }
 
 // http1ClientConn is one connection. Lock order: http1Client.mu, then mu,
@@ -219,7 +220,7 @@ func (p *http1Client) start(ctx context.Context, call *http1Call, fresh bool) (*
 			break
 		}
 		// maxConns busy: share the one with the fewest calls.
-		if small && len(n.busy) >= p.maxConns {
+		if small && len(n.busy)+n.claimed >= p.maxConns {
 			if cc := p.pickLocked(n, now); cc != nil {
 				if p.enqueueLocked(cc, call) {
 					p.mu.Unlock()
@@ -235,11 +236,14 @@ func (p *http1Client) start(ctx context.Context, call *http1Call, fresh bool) (*
 			n.idle[len(n.idle)-1] = nil
 			n.idle = n.idle[:len(n.idle)-1]
 			cc.isIdle = false
+			n.claimed++
 			p.mu.Unlock()
 			// A connection the server has closed, or that holds bytes we
 			// did not ask for, is dropped before anything is written on it.
 			ok := now.Sub(cc.used) < p.idleTimeout && cc.br.Buffered() == 0 && cc.probe.check()
 			p.mu.Lock()
+			n.claimed--
+			n.wake()
 			if ok && !p.closed {
 				cc.fromIdle = true
 				if p.enqueueLocked(cc, call) {
@@ -261,14 +265,15 @@ func (p *http1Client) start(ctx context.Context, call *http1Call, fresh bool) (*
 			}
 			continue
 		}
-		if n.open < p.maxConns || n.dialing == 0 || !small {
+		if n.open < p.maxConns || n.dialing+n.claimed == 0 || !small {
 			break
 		}
-		// Enough connections are being dialed: wait for one, to share it.
-		if n.dialed == nil {
-			n.dialed = make(chan struct{})
+		// Enough connections are being dialed or checked: wait for one,
+		// to share it.
+		if n.ready == nil {
+			n.ready = make(chan struct{})
 		}
-		ch := n.dialed
+		ch := n.ready
 		p.mu.Unlock()
 		select {
 		case <-ch:
@@ -290,10 +295,7 @@ func (p *http1Client) start(ctx context.Context, call *http1Call, fresh bool) (*
 	c, err := d.DialContext(ctx, "tcp", call.addr)
 	p.mu.Lock()
 	n.dialing--
-	if n.dialed != nil { // callers waiting for a connection look again
-		close(n.dialed)
-		n.dialed = nil
-	}
+	n.wake()
 	if err == nil && p.closed {
 		c.Close()
 		err = ErrClosed
@@ -314,6 +316,15 @@ func (p *http1Client) start(ctx context.Context, call *http1Call, fresh bool) (*
 		p.publish(cc)
 	}
 	return cc, nil
+}
+
+// wake lets callers waiting for a connection being dialed or checked look
+// again. Called with http1Client.mu held.
+func (n *http1Node) wake() {
+	if n.ready != nil {
+		close(n.ready)
+		n.ready = nil
+	}
 }
 
 // pickLocked returns the busy connection with the fewest calls in flight
