@@ -16,13 +16,19 @@ import (
 // pipelining (RFC 9112 §9.3.2) once a node has maxConns of them.
 //
 // A call takes an idle connection if there is one (checked alive first), or
-// dials one while the node has fewer than maxConns. Past that it joins the
-// busy connection with the fewest calls in flight, unless every one holds
-// maxDepth calls or an unanswered call older than maxWait (a slow handler
-// would hold every reply behind it); then it dials one more.
+// dials one while the node has fewer than maxConns. Once maxConns are busy
+// (or being checked) it joins the busy connection with the fewest calls in
+// flight, unless every one holds maxDepth calls or an unanswered call older
+// than maxWait (a slow handler would hold every reply behind it); then it
+// waits for a connection being dialed or checked, or dials one more.
 //
 // Writes: the caller that finds nobody writing writes what is queued, its
-// own request and those of callers that join meanwhile, in one write.
+// own request and those of callers that join meanwhile, in one write. A
+// request made while a caller reads replies already in the buffer waits for
+// that caller, who writes it before it waits on the network. Small requests
+// are written under no caller's deadline, and a write that would block for
+// longer than http1SpillAfter goes on in a goroutine, so that the caller
+// whose turn it is to read never waits in a write.
 // Reads: replies come in request order. The caller whose reply is next reads
 // it from the connection in its own goroutine, then hands the read turn to
 // the next caller, whose reply is often in the buffer already. A lone caller
