@@ -272,6 +272,11 @@ func TestFileStoreDamageWhileOpenIsNotServed(t *testing.T) {
 			if _, err := s.Read(ctx, "", ReadPrefix()); !errors.As(err, &corrupt) {
 				t.Fatalf("prefix read over a damaged record: %v", err)
 			}
+			for _, keys := range [][]string{{"4", "5"}, {"7", "1"}} {
+				if _, err := s.ReadMany(ctx, keys); !errors.As(err, &corrupt) {
+					t.Fatalf("ReadMany of %q: %v", keys, err)
+				}
+			}
 			assertEqual(t, testReadValue(t, s, "4"), "intact value")
 			if err := s.Compact(ctx); !errors.As(err, &corrupt) {
 				t.Fatalf("compaction over a damaged record: %v", err)

@@ -8,19 +8,22 @@ import (
 	"unicode/utf8"
 )
 
-// RegisterStore serves st on s as the endpoints Store.Read, Store.Write,
-// Store.Delete and Store.List, so that devices and services can share one
-// store through [NewRemoteStore]. Like any endpoint, they take JSON (or
+// RegisterStore serves st on s as the endpoints Store.Read, Store.ReadMany,
+// Store.Write, Store.Delete and Store.List, so that devices and services
+// can share one store through [NewRemoteStore]. Like any endpoint, they take JSON (or
 // another registered codec) and can be called with curl:
 //
 //	POST /Store/Read   {"key":"a","prefix":true,"limit":10,"offset":0,"database":"","table":""}
 //	                 → {"records":[{"key":"a1","value":"<base64>","metadata":{},"expiry":0}]}
+//	POST /Store/ReadMany {"keys":["a","b"],"database":"","table":""}
+//	                 → {"records":[{"key":"a","value":"<base64>"},null]}
 //	POST /Store/Write  {"record":{"key":"a","value":"<base64>"},"ttl":0,"database":"","table":""}
 //	POST /Store/Delete {"key":"a","database":"","table":""}
 //	POST /Store/List   {"prefix":"a","suffix":"","limit":0,"offset":0,"database":"","table":""}
 //	                 → {"keys":["a1"]}
 //
-// A missing key is not_found, a damaged record data_loss. Durations (ttl,
+// A missing key is not_found for Read, and null in ReadMany's records; a
+// damaged record is data_loss. Durations (ttl,
 // expiry) are in nanoseconds; a Write's ttl, when not zero, overrides its
 // record's expiry, and a negative one writes a record that has already
 // expired. The caller keeps ownership of st.
@@ -71,6 +74,42 @@ func (s *RemoteStore) Read(ctx context.Context, key string, opts ...ReadOption) 
 	return rsp.Records, nil
 }
 
+// ReadMany calls Store.ReadMany once for all the keys (see [ReadMany]).
+func (s *RemoteStore) ReadMany(ctx context.Context, keys []string, opts ...ReadOption) ([]*Record, error) {
+	q, err := storeManyQuery(keys, opts)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]*Record, len(keys))
+	// Keys that are not UTF-8 cannot have been written, and JSON would
+	// mangle them: they are not sent.
+	var send []string
+	var at []int
+	for i, k := range keys {
+		if utf8.ValidString(k) {
+			send, at = append(send, k), append(at, i)
+		}
+	}
+	if len(send) == 0 {
+		return out, s.ready(ctx)
+	}
+	var rsp storeReadResponse
+	req := &storeReadManyRequest{Keys: send, Database: q.db, Table: q.table}
+	if err := s.call(ctx, "Store.ReadMany", req, &rsp); err != nil {
+		return nil, err
+	}
+	if len(rsp.Records) != len(send) {
+		return nil, Errorf(CodeInternal, "micro: store: ReadMany of %d keys answered with %d records", len(send), len(rsp.Records))
+	}
+	for j, r := range rsp.Records {
+		if r != nil && r.Key != send[j] {
+			return nil, Errorf(CodeInternal, "micro: store: ReadMany answered %q for %q", r.Key, send[j])
+		}
+		out[at[j]] = r
+	}
+	return out, nil
+}
+
 // Write calls Store.Write. An expiry is sent as a time to live, so it means
 // the same whatever the server's clock says.
 func (s *RemoteStore) Write(ctx context.Context, r *Record, opts ...WriteOption) error {
@@ -116,12 +155,21 @@ func (s *RemoteStore) Close() error {
 	return nil
 }
 
-func (s *RemoteStore) call(ctx context.Context, endpoint string, req, rsp any) error {
+// ready says whether a call can be made: the store open, the context not
+// ended (the client may send a call whose context has ended).
+func (s *RemoteStore) ready(ctx context.Context) error {
 	if s.closed.Load() {
 		return ErrClosed
 	}
-	if err := ctx.Err(); err != nil { // the client may send a call whose context has ended
+	if err := ctx.Err(); err != nil {
 		return AsError(err)
+	}
+	return nil
+}
+
+func (s *RemoteStore) call(ctx context.Context, endpoint string, req, rsp any) error {
+	if err := s.ready(ctx); err != nil {
+		return err
 	}
 	err := s.client.Call(ctx, s.service, endpoint, req, rsp, s.opts...)
 	if err == nil {
@@ -155,6 +203,12 @@ type storeReadRequest struct {
 
 type storeReadResponse struct {
 	Records []*Record `json:"records"`
+}
+
+type storeReadManyRequest struct {
+	Keys     []string `json:"keys"`
+	Database string   `json:"database,omitempty"`
+	Table    string   `json:"table,omitempty"`
 }
 
 type storeWriteRequest struct {
@@ -193,6 +247,17 @@ func (h *storeHandler) Read(ctx context.Context, req *storeReadRequest, rsp *sto
 		opts = append(opts, ReadSuffix())
 	}
 	recs, err := h.store.Read(ctx, req.Key, opts...)
+	rsp.Records = recs
+	return storeWireError(err)
+}
+
+// ReadMany serves Store.ReadMany: records aligned with the keys, null
+// where there is none.
+func (h *storeHandler) ReadMany(ctx context.Context, req *storeReadManyRequest, rsp *storeReadResponse) error {
+	recs, err := ReadMany(ctx, h.store, req.Keys, ReadFrom(req.Database, req.Table))
+	if err == nil && recs == nil {
+		recs = []*Record{}
+	}
 	rsp.Records = recs
 	return storeWireError(err)
 }

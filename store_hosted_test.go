@@ -54,6 +54,16 @@ func TestRemoteStoreErrorsAndRawCalls(t *testing.T) {
 	assertEqual(t, len(read.Records), 1)
 	assertEqual(t, string(read.Records[0].Value), "hi")
 	assertEqual(t, read.Records[0].Metadata["a"], "b")
+	code, body = post("/Store/ReadMany", `{"keys":["nope","greeting"]}`)
+	assertEqual(t, code, 200)
+	if !strings.HasPrefix(body, `{"records":[null,{"key":"greeting","value":"aGk="`) {
+		t.Fatalf("ReadMany: %s", body)
+	}
+	code, body = post("/Store/ReadMany", `{"keys":[]}`)
+	assertEqual(t, code, 200)
+	assertEqual(t, body, `{"records":[]}`)
+	code, _ = post("/Store/ReadMany", `{"keys":[""]}`)
+	assertEqual(t, code, 400)
 	code, _ = post("/Store/Write", `{"record":{"key":"x","value":"aGk="},"table":"t"}`)
 	assertEqual(t, code, 200)
 	_, body = post("/Store/List", `{"table":"t"}`)

@@ -1,6 +1,7 @@
 package micro
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -61,6 +62,9 @@ func testStoreKinds() []testStoreKind {
 		{"file", file()},
 		{"file-group-commit", file(SyncGroupCommit())},
 		{"file-pread", file(storeOption{store: func(o *storeOptions) { o.noMmap = true }})},
+		// Keys' hashes keep 2 bits: most keys hash as others do, and reads
+		// must tell them apart by the key in the record.
+		{"file-colliding", file(storeOption{store: func(o *storeOptions) { o.hashMask = 0b110 }})},
 		{"remote", func(t *testing.T, opts ...StoreOption) Store {
 			t.Helper()
 			backing := NewMemoryStore(opts...)
@@ -192,6 +196,135 @@ func TestStoreSelects(t *testing.T) {
 			}
 		})
 	}
+}
+
+// testPlainStore hides a store's ReadMany, so that ReadMany falls back to
+// one Read a key.
+type testPlainStore struct{ Store }
+
+func TestStoreReadMany(t *testing.T) {
+	checkGoroutines(t)
+	ctx := context.Background()
+	kinds := append(testStoreKinds(), testStoreKind{"plain", func(t *testing.T, opts ...StoreOption) Store {
+		s := NewMemoryStore(opts...)
+		t.Cleanup(func() { s.Close() })
+		return testPlainStore{s}
+	}})
+	for _, kind := range kinds {
+		t.Run(kind.name, func(t *testing.T) {
+			clock := newTestClock()
+			s := kind.open(t, storeClock(clock.Now))
+			testStoreFill(t, s, "a", "b", "c/1")
+			assertNoError(t, s.Write(ctx, &Record{Key: "a", Value: []byte("other"), Metadata: map[string]string{"m": "1"}},
+				WriteTo("other", "t")))
+			assertNoError(t, s.Write(ctx, &Record{Key: "ttl", Value: []byte("soon")}, WriteTTL(time.Second)))
+			show := func(recs []*Record) string {
+				var b strings.Builder
+				for _, r := range recs {
+					if r == nil {
+						b.WriteString("- ")
+						continue
+					}
+					fmt.Fprintf(&b, "%s=%s %v ", r.Key, r.Value, r.Metadata)
+				}
+				return b.String()
+			}
+			reads := []struct {
+				keys []string
+				opts []ReadOption
+				want string
+			}{
+				{[]string{"b", "nope", "a", "b", "c/1", "c/"}, nil, "b=v:b map[] - a=v:a map[] b=v:b map[] c/1=v:c/1 map[] - "},
+				{[]string{"a", "b"}, []ReadOption{ReadFrom("other", "t")}, "a=other map[m:1] - "},
+				{[]string{"a"}, []ReadOption{ReadFrom("nodb", "")}, "- "},
+				{[]string{"a", "\xff"}, nil, "a=v:a map[] - "},
+				{[]string{"ttl"}, nil, "ttl=soon map[] "},
+				{[]string{}, nil, ""},
+			}
+			for _, c := range reads {
+				recs, err := ReadMany(ctx, s, c.keys, c.opts...)
+				assertNoError(t, err)
+				if recs == nil || len(recs) != len(c.keys) {
+					t.Fatalf("ReadMany(%q): %d records", c.keys, len(recs))
+				}
+				if got := show(recs); got != c.want {
+					t.Fatalf("ReadMany(%q, %d options) = %q, want %q", c.keys, len(c.opts), got, c.want)
+				}
+			}
+			clock.Add(2 * time.Second)
+			recs, err := ReadMany(ctx, s, []string{"ttl", "a"})
+			assertNoError(t, err)
+			assertEqual(t, show(recs), "- a=v:a map[] ")
+
+			// The caller owns what it got.
+			recs[1].Value[0] = 'X'
+			assertEqual(t, testReadValue(t, s, "a"), "v:a")
+
+			for _, opts := range [][]ReadOption{{ReadPrefix()}, {ReadSuffix()}, {ReadLimit(1)}, {ReadOffset(1)}, {ReadFrom("a b", "")}} {
+				if _, err := ReadMany(ctx, s, []string{"a"}, opts...); CodeOf(err) != CodeInvalidArgument {
+					t.Fatalf("options %v: %v", opts, err)
+				}
+			}
+			for _, keys := range [][]string{{"a", ""}, {strings.Repeat("k", storeMaxKey+1)}} {
+				if _, err := ReadMany(ctx, s, keys); CodeOf(err) != CodeInvalidArgument {
+					t.Fatalf("keys %.20q: %v", keys, err)
+				}
+			}
+			ended, cancel := context.WithCancel(ctx)
+			cancel()
+			if _, err := ReadMany(ended, s, []string{"a"}); !errors.Is(err, context.Canceled) && CodeOf(err) != CodeCanceled {
+				t.Fatalf("ended context: %v", err)
+			}
+			assertNoError(t, s.Close())
+			if _, err := ReadMany(ctx, s, []string{"a"}); !errors.Is(err, ErrClosed) {
+				t.Fatalf("closed store: %v", err)
+			}
+		})
+	}
+}
+
+// TestFileStoreReadManyLarge reads more keys than one chunk, with records
+// shared in a chunk's block and records over 4 KiB, before and after a
+// compaction, from a store whose keys collide.
+func TestFileStoreReadManyLarge(t *testing.T) {
+	checkGoroutines(t)
+	ctx := context.Background()
+	s, err := NewFileStore(t.TempDir(), SyncInterval(time.Hour), storeOption{store: func(o *storeOptions) { o.hashMask = 0xff }})
+	assertNoError(t, err)
+	defer s.Close()
+	value := func(i int) []byte {
+		return bytes.Repeat([]byte{byte('a' + i%26)}, 1+i*37%(3*storeManyShared))
+	}
+	var keys []string
+	for i := range 3*storeManyChunk + 5 {
+		keys = append(keys, fmt.Sprintf("k%04d", i))
+		if i%7 != 3 { // every seventh is missing
+			assertNoError(t, s.Write(ctx, &Record{Key: keys[i], Value: value(i)}))
+		}
+	}
+	check := func() {
+		t.Helper()
+		recs, err := s.ReadMany(ctx, keys)
+		assertNoError(t, err)
+		for i, r := range recs {
+			switch {
+			case i%7 == 3 && r != nil:
+				t.Fatalf("%s: found %q", keys[i], r.Key)
+			case i%7 == 3:
+			case r == nil || r.Key != keys[i] || !bytes.Equal(r.Value, value(i)) || cap(r.Value) != len(r.Value):
+				t.Fatalf("%s: got %v", keys[i], r)
+			}
+		}
+	}
+	check()
+	for i := range keys[:50] {
+		assertNoError(t, s.Delete(ctx, keys[i]))
+		if i%7 != 3 {
+			assertNoError(t, s.Write(ctx, &Record{Key: keys[i], Value: value(i)}))
+		}
+	}
+	assertNoError(t, s.Compact(ctx))
+	check()
 }
 
 func TestStoreWriteDeleteAndOwnership(t *testing.T) {
@@ -493,7 +626,7 @@ func TestServiceStore(t *testing.T) {
 
 func TestStoreTableHash(t *testing.T) {
 	// Random operations: the hash table agrees with the ordered index.
-	tab := newStoreTable()
+	tab := newStoreTable(0)
 	ref := map[string]storeLoc{}
 	rng := rand.New(rand.NewPCG(3, 4))
 	for i := range 30000 {

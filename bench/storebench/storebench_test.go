@@ -2,6 +2,7 @@ package storebench
 
 import (
 	"context"
+	"math/rand/v2"
 	"strings"
 	"testing"
 	"time"
@@ -35,13 +36,19 @@ func TestQuickRun(t *testing.T) {
 	}
 }
 
-func TestKeyBlock(t *testing.T) {
-	for _, n := range []int{1, 1000, 1_000_000, 1_000_001} { // the last: widths differ
-		key := keyBlock(n)
-		for _, i := range []int{0, 1, n / 2, n - 1} {
-			if i < n && key(i) != Key(i) {
-				t.Fatalf("n %d: key(%d) = %q, want %q", n, i, key(i), Key(i))
+func TestReadOrder(t *testing.T) {
+	for _, n := range []int{1, 1000, 1_000_001} { // the last: widths differ
+		o := newReadOrder(n, 100, rand.New(rand.NewPCG(1, 2)))
+		seen := map[int]bool{}
+		for range 250 { // past the end: it starts over
+			i, key := o.next()
+			if i < 0 || i >= n || key != Key(i) {
+				t.Fatalf("n %d: key %d = %q, want %q", n, i, key, Key(i))
 			}
+			seen[i] = true
+		}
+		if n > 1000 && len(seen) < 50 {
+			t.Fatalf("n %d: %d distinct keys in 100", n, len(seen))
 		}
 	}
 }
