@@ -1,4 +1,4 @@
-//go:build !(linux || darwin || freebsd || netbsd || openbsd || dragonfly || plan9)
+//go:build !(linux || darwin || freebsd || netbsd || openbsd || dragonfly || plan9 || windows)
 
 package micro
 
@@ -17,8 +17,7 @@ func newHTTP1Prober(net.Conn) *http1Prober { return nil }
 func (p *http1Prober) check() bool { return true }
 
 // http1Reset reports whether err says the peer reset the connection or had
-// closed it when we wrote (as the platform's errno says so: on Windows the
-// WSA codes do not match these, and only EOF marks a stale connection).
+// closed it when we wrote, where the platform's errno says so.
 func http1Reset(err error) bool {
 	return errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)
 }

@@ -14,13 +14,17 @@
 //   - read-random: one goroutine reading random keys of the loaded set
 //     (FileStore.Read; bbolt Get in a View, the value copied out since bbolt's
 //     is valid only inside the transaction and FileStore returns a copy).
+//   - read-random-16: the same reads, 16 random keys a call
+//     (FileStore.ReadMany; bbolt 16 Gets in one View), counted in keys.
 //   - read-prefix-1000: one goroutine reading every record under a prefix
 //     that selects 1,000 of the keys, values copied as above.
 //   - delete-fsync: one deleter, each delete durable before the next.
 //   - size: bytes on disk after loading the keys (FileStore's log; bbolt's
 //     file).
 //
-// The key set is loaded before the reads with each engine's fast path
+// The random keys are drawn before the reads and held in the order they
+// are read (see readOrder), so that the reads measure the engine. The key
+// set is loaded before the reads with each engine's fast path
 // (FileStore with SyncGroupCommit from 64 writers; bbolt with 1,000 puts a
 // transaction), and is not part of any figure.
 package storebench
