@@ -836,10 +836,15 @@ func http1ParseHead(hdr []byte, wantCT string, headers bool, h *http1Head) bool 
 	if len(line) < 12 || line[8] != ' ' || (len(line) > 12 && line[12] != ' ') {
 		return false
 	}
+	old := false // HTTP/1.0: persistent only with Connection: keep-alive
 	switch string(line[:8]) {
 	case "HTTP/1.1":
 	case "HTTP/1.0":
-		h.close, h.final = true, true
+		// Not reused either way; final unless it says keep-alive (RFC 9112
+		// §C.2.2), as net/http's Response.Close reads it: a keep-alive
+		// server may have served the calls pipelined after this one, and
+		// they must not be sent again.
+		old, h.close, h.final = true, true, true
 	default:
 		return false
 	}
@@ -888,8 +893,15 @@ func http1ParseHead(hdr []byte, wantCT string, headers bool, h *http1Head) bool 
 		case http1EqualFold(name, "transfer-encoding"):
 			return false
 		case http1EqualFold(name, "connection"):
-			if bytes.Contains(bytes.ToLower(value), []byte("close")) {
-				h.close, h.final = true, true
+			switch {
+			case http1EqualFold(value, "close"):
+				h.close, h.final, old = true, true, false
+			case http1EqualFold(value, "keep-alive"):
+				if old {
+					h.final = false
+				}
+			case len(value) > 0:
+				return false // a list of options: net/http reads those
 			}
 		case http1EqualFold(name, "content-type"):
 			mt, _, _ := bytes.Cut(value, []byte(";"))

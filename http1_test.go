@@ -524,6 +524,7 @@ func FuzzHTTP1ReadHead(f *testing.F) {
 	f.Add([]byte("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"))
 	f.Add([]byte("HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"))
 	f.Add([]byte("HTTP/1.1 204 No Content\r\n\r\n"))
+	f.Add([]byte("HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n"))
 	f.Add([]byte("HTTP/1.1 200 OK\r\nContent-Length: 01\r\nContent-Length: 1\r\n\r\nx"))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		hdr, _ := http1PeekHead(bufio.NewReaderSize(bytes.NewReader(data), 4096), 4096)
@@ -538,6 +539,9 @@ func FuzzHTTP1ReadHead(f *testing.F) {
 		}
 		if rsp.StatusCode != h.status || (rsp.ContentLength != h.length && !(rsp.ContentLength == -1 && h.length == 0)) {
 			t.Fatalf("we read status %d length %d, net/http %d %d: %q", h.status, h.length, rsp.StatusCode, rsp.ContentLength, data)
+		}
+		if h.final != rsp.Close {
+			t.Fatalf("we read final %v, net/http Close %v: %q", h.final, rsp.Close, data)
 		}
 	})
 }
@@ -717,4 +721,34 @@ func TestHTTP1BodyOverTheLimitIsReportedNotRetried(t *testing.T) {
 	err := client.Call(context.Background(), "x", "Echo.Bytes", big, &rsp, ContentType(ContentTypeBytes))
 	assertCode(t, err, CodeResourceExhausted)
 	assertEqual(t, calls.Load(), int32(0))
+}
+
+// TestHTTP1HeadFinal checks the fast path's reading of whether a reply is
+// the connection's last served one against net/http's Response.Close.
+func TestHTTP1HeadFinal(t *testing.T) {
+	for _, c := range []struct {
+		head         string
+		close, final bool
+	}{
+		{"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n", false, false},
+		{"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n", true, true},
+		{"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n", false, false},
+		{"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n", true, true},
+		{"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 0\r\n", true, false},
+		{"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nConnection: close\r\nContent-Length: 0\r\n", true, true},
+		{"HTTP/1.0 200 OK\r\nConnection: close\r\nConnection: keep-alive\r\nContent-Length: 0\r\n", true, true},
+	} {
+		h := http1Head{length: -1}
+		if !http1ParseHead([]byte(c.head), "application/json", false, &h) {
+			t.Fatalf("%q: not parsed", c.head)
+		}
+		if h.close != c.close || h.final != c.final {
+			t.Errorf("%q: close %v final %v, want %v %v", c.head, h.close, h.final, c.close, c.final)
+		}
+		rsp, err := http.ReadResponse(bufio.NewReader(strings.NewReader(c.head+"\r\n")), nil)
+		assertNoError(t, err)
+		if rsp.Close != c.final {
+			t.Errorf("%q: net/http says Close %v", c.head, rsp.Close)
+		}
+	}
 }
