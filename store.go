@@ -544,59 +544,65 @@ func NewMemoryStore(opts ...StoreOption) *MemoryStore {
 // Read returns the record with the key, or with ReadPrefix / ReadSuffix
 // every record that matches.
 func (s *MemoryStore) Read(ctx context.Context, key string, opts ...ReadOption) ([]*Record, error) {
-	if err := ctx.Err(); err != nil {
-		return nil, err
-	}
 	q, exact, err := storeReadQuery(key, opts)
 	if err != nil {
 		return nil, err
 	}
-	now := s.now().UnixNano()
-	s.mu.RLock()
-	defer s.mu.RUnlock()
-	if s.closed {
-		return nil, ErrClosed
-	}
-	idx := s.tables[storeNS{q.db, q.table}]
-	if exact {
-		if idx != nil {
+	var recs []*Record
+	err = s.view(ctx, func(now int64) {
+		idx := s.tables[storeNS{q.db, q.table}]
+		if exact {
 			if v, ok := idx.get(key); ok && storeLive(v.expires, now) {
-				return []*Record{v.record(key, now)}, nil
+				recs = []*Record{v.record(key, now)}
 			}
+			return
 		}
-		return nil, storeNotFound(key)
-	}
-	recs := []*Record{}
-	storeScan(idx, &q, func(v storeMemRecord) bool { return storeLive(v.expires, now) }, func(k string, v storeMemRecord) {
-		recs = append(recs, v.record(k, now))
+		recs = []*Record{}
+		storeScan(idx, &q, func(v storeMemRecord) bool { return storeLive(v.expires, now) }, func(k string, v storeMemRecord) {
+			recs = append(recs, v.record(k, now))
+		})
 	})
-	return recs, nil
+	if err == nil && recs == nil {
+		err = storeNotFound(key)
+	}
+	return recs, err
 }
 
 // ReadMany returns the records with the keys (see [ReadMany]).
 func (s *MemoryStore) ReadMany(ctx context.Context, keys []string, opts ...ReadOption) ([]*Record, error) {
-	if err := ctx.Err(); err != nil {
-		return nil, err
-	}
 	q, err := storeManyQuery(keys, opts)
 	if err != nil {
 		return nil, err
 	}
-	now := s.now().UnixNano()
-	s.mu.RLock()
-	defer s.mu.RUnlock()
-	if s.closed {
-		return nil, ErrClosed
-	}
 	out := make([]*Record, len(keys))
-	if idx := s.tables[storeNS{q.db, q.table}]; idx != nil {
+	err = s.view(ctx, func(now int64) {
+		idx := s.tables[storeNS{q.db, q.table}]
 		for i, k := range keys {
 			if v, ok := idx.get(k); ok && storeLive(v.expires, now) {
 				out[i] = v.record(k, now)
 			}
 		}
+	})
+	if err != nil {
+		return nil, err
 	}
 	return out, nil
+}
+
+// view runs fn with the time under the read lock, unless ctx has ended or
+// the store is closed.
+func (s *MemoryStore) view(ctx context.Context, fn func(now int64)) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	now := s.now().UnixNano()
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if s.closed {
+		return ErrClosed
+	}
+	fn(now)
+	return nil
 }
 
 func (v *storeMemRecord) record(key string, now int64) *Record {
@@ -834,9 +840,9 @@ func (x *storeIndex[V]) find(key string) (ci, i int, found bool) {
 	return ci, lo, lo < len(keys) && keys[lo] == key
 }
 
-// get returns the value of key.
+// get returns the value of key; a nil index holds none.
 func (x *storeIndex[V]) get(key string) (v V, ok bool) {
-	if x.n == 0 {
+	if x == nil || x.n == 0 {
 		return v, false
 	}
 	if x.plain {
