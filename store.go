@@ -1016,10 +1016,13 @@ func (x *storeIndex[V]) ascend(from string, fn func(key string, v V) bool) {
 }
 
 // storeManyQuery checks ReadMany's keys and options: exact keys only.
-func storeManyQuery(keys []string, opts []ReadOption) (storeQuery, error) {
-	var q storeQuery
-	for _, o := range opts {
-		o.applyRead(&q)
+func storeManyQuery(keys []string, opts []ReadOption) (q storeQuery, err error) {
+	if len(opts) > 0 { // options get a pointer, which escapes: only then
+		p := new(storeQuery)
+		for _, o := range opts {
+			o.applyRead(p)
+		}
+		q = *p
 	}
 	if q.isPrefix || q.isSuffix || q.limit != 0 || q.offset != 0 {
 		return q, Errorf(CodeInvalidArgument, "micro: store: ReadMany reads exact keys: ReadPrefix, ReadSuffix, ReadLimit and ReadOffset do not apply")
