@@ -813,6 +813,7 @@ type brokerIndex struct {
 	epoch   uint64
 	live    bool
 	watchOn bool
+	started chan struct{} // closed once the watch's first Watch call has returned
 }
 
 // brokerIndexTTL bounds how long an index lives even without watch events.
@@ -831,17 +832,29 @@ func (ix *brokerIndex) targets(ctx context.Context, b *brokerHTTP, topic string)
 		return t, nil
 	}
 	startWatch := !ix.watchOn
-	ix.watchOn = true
+	if startWatch {
+		ix.watchOn, ix.started = true, make(chan struct{})
+	}
+	started := ix.started
 	ix.mu.Unlock()
 	if startWatch {
 		b.mu.Lock()
-		if !b.closed {
+		if b.closed {
+			close(started)
+		} else {
 			b.wg.Add(1)
-			go b.watch(reg)
+			go b.watch(reg, started)
 		}
 		b.mu.Unlock()
 	}
 	ch := ix.sf.DoChan("", func() (any, error) {
+		// The first listing waits for the watch to start, so that it can be
+		// kept: one made before would be stale at once, and the next
+		// publish would list the registry again.
+		select {
+		case <-started:
+		case <-b.ctx.Done():
+		}
 		ix.mu.Lock()
 		if ix.valid && time.Now().Before(ix.expires) {
 			t := ix.topics
@@ -879,9 +892,15 @@ func (ix *brokerIndex) targets(ctx context.Context, b *brokerHTTP, topic string)
 }
 
 // watch invalidates the index on every registry change; if the watch fails
-// it is retried with back-off, and nothing is kept meanwhile.
-func (b *brokerHTTP) watch(reg Registry) {
+// it is retried with back-off, and nothing is kept meanwhile. It closes
+// started once its first Watch call has returned.
+func (b *brokerHTTP) watch(reg Registry, started chan struct{}) {
 	defer b.wg.Done()
+	defer func() {
+		if started != nil { // closed before the first Watch
+			close(started)
+		}
+	}()
 	ix := &b.index
 	backoff := 100 * time.Millisecond
 	for b.ctx.Err() == nil {
@@ -892,6 +911,12 @@ func (b *brokerHTTP) watch(reg Registry) {
 			ix.live = true
 			ix.epoch++
 			ix.mu.Unlock()
+		}
+		if started != nil {
+			close(started)
+			started = nil
+		}
+		if err == nil {
 			for {
 				if _, err := w.Next(); err != nil {
 					break

@@ -841,3 +841,38 @@ func TestBrokerFirstPublishOnColdMDNS(t *testing.T) {
 	assertEqual(t, delivered, 1)
 	assertEqual(t, rec.count(), 1)
 }
+
+// TestBrokerIndexKeptFromTheFirstPublish checks that the publisher's topic
+// index, built by the first publish, serves the next ones: the registry is
+// listed once, not again on the second publish, until it changes.
+func TestBrokerIndexKeptFromTheFirstPublish(t *testing.T) {
+	checkGoroutines(t)
+	reg := newCountingRegistry(newBrokerTestRegistry(t))
+	rec := &brokerRecorder{name: "sub"}
+	newSubscriberService(t, reg, rec.name, "user.created", rec.raw, nil)
+	pub := newTestService(t, "publisher", nil, WithRegistry(reg))
+	lists := func() int {
+		reg.mu.Lock()
+		defer reg.mu.Unlock()
+		return reg.lists
+	}
+	before := lists()
+	for i := range 3 {
+		assertNoError(t, pub.Client().Publish(context.Background(), "user.created", &UserCreated{ID: i}))
+	}
+	assertEqual(t, lists()-before, 1)
+	assertEqual(t, rec.count(), 3)
+
+	// A new subscriber changes the registry: the next publish lists again
+	// and reaches it.
+	rec2 := &brokerRecorder{name: "sub2"}
+	newSubscriberService(t, reg, rec2.name, "user.created", rec2.raw, nil)
+	var delivered int
+	for {
+		assertNoError(t, pub.Client().Publish(context.Background(), "user.created", &UserCreated{ID: 9}, Delivered(&delivered)))
+		if delivered == 2 {
+			break
+		}
+	}
+	assertEqual(t, rec2.count(), 1)
+}

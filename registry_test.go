@@ -166,7 +166,7 @@ func TestRegistryWatcherStopsAndOverflows(t *testing.T) {
 	}
 }
 
-// countingRegistry counts lookups and can hold each one, after it has read
+// countingRegistry counts lookups and lists, and can hold each lookup, after it has read
 // the registry, until released; it can hold each Watch call before it
 // registers, and says when a watcher's Next is called.
 type countingRegistry struct {
@@ -179,6 +179,7 @@ type countingRegistry struct {
 
 	mu       sync.Mutex
 	lookups  int
+	lists    int
 	watchers []Watcher
 }
 
@@ -194,6 +195,13 @@ func (r *countingRegistry) Lookup(ctx context.Context, name string) ([]*ServiceI
 		return nil, ctx.Err()
 	}
 	return services, err
+}
+
+func (r *countingRegistry) List(ctx context.Context) ([]*ServiceInfo, error) {
+	r.mu.Lock()
+	r.lists++
+	r.mu.Unlock()
+	return r.Registry.List(ctx)
 }
 
 func (r *countingRegistry) Watch(ctx context.Context, service string) (Watcher, error) {
