@@ -110,16 +110,11 @@ func mdnsOpen(ifis []net.Interface, want4, want6 bool) ([]mdnsConn, map[int]*mdn
 	lc := net.ListenConfig{Control: mdnsReuse}
 	var conns []mdnsConn
 	var errs []error
-	if want4 {
-		c, err := mdnsOpen4(lc, ifis, ifaces)
-		if err != nil {
-			errs = append(errs, err)
-		} else if c != nil {
-			conns = append(conns, c)
+	for _, v6 := range []bool{false, true} {
+		if v6 && !want6 || !v6 && !want4 {
+			continue
 		}
-	}
-	if want6 {
-		c, err := mdnsOpen6(lc, ifis, ifaces)
+		c, err := mdnsOpenFamily(lc, ifis, ifaces, v6)
 		if err != nil {
 			errs = append(errs, err)
 		} else if c != nil {
@@ -147,64 +142,45 @@ func mdnsHas(addrs []netip.Addr, v6 bool) bool {
 	return false
 }
 
-func mdnsOpen4(lc net.ListenConfig, ifis []net.Interface, ifaces map[int]*mdnsIface) (mdnsConn, error) {
-	pc, err := lc.ListenPacket(context.Background(), "udp4", fmt.Sprintf("0.0.0.0:%d", mdnsPort))
-	if err != nil {
-		return nil, fmt.Errorf("micro: mdns: listen udp4: %w", err)
+// mdnsFamily names a family's network and its wildcard address with port.
+func mdnsFamily(v6 bool, port int) (network, addr string) {
+	if v6 {
+		return "udp6", fmt.Sprintf("[::]:%d", port)
 	}
-	p := ipv4.NewPacketConn(pc)
-	joined := 0
-	for i := range ifis {
-		ifc := ifaces[ifis[i].Index]
-		if !mdnsHas(ifc.addrs, false) {
-			continue
-		}
-		if p.JoinGroup(&ifis[i], &net.UDPAddr{IP: mdnsGroup4.Addr().AsSlice()}) == nil {
-			ifc.v4 = true
-			joined++
-		}
-	}
-	if joined == 0 {
-		pc.Close()
-		return nil, nil
-	}
-	// The interface of each packet; TTL 255 as RFC 6762 §11 asks; loopback
-	// so that other responders on this host hear us.
-	if err := errors.Join(p.SetControlMessage(ipv4.FlagInterface, true), p.SetMulticastTTL(255),
-		p.SetTTL(255), p.SetMulticastLoopback(true)); err != nil {
-		pc.Close()
-		return nil, fmt.Errorf("micro: mdns: udp4 socket options: %w", err)
-	}
-	return &mdnsConn4{pc: pc, p: p}, nil
+	return "udp4", fmt.Sprintf("0.0.0.0:%d", port)
 }
 
-func mdnsOpen6(lc net.ListenConfig, ifis []net.Interface, ifaces map[int]*mdnsIface) (mdnsConn, error) {
-	pc, err := lc.ListenPacket(context.Background(), "udp6", fmt.Sprintf("[::]:%d", mdnsPort))
+// mdnsOpenFamily binds port 5353 for one family and joins the group on each
+// interface with an address of that family; nil if it joined none.
+func mdnsOpenFamily(lc net.ListenConfig, ifis []net.Interface, ifaces map[int]*mdnsIface, v6 bool) (mdnsConn, error) {
+	network, addr := mdnsFamily(v6, mdnsPort)
+	pc, err := lc.ListenPacket(context.Background(), network, addr)
 	if err != nil {
-		return nil, fmt.Errorf("micro: mdns: listen udp6: %w", err)
+		return nil, fmt.Errorf("micro: mdns: listen %s: %w", network, err)
 	}
-	p := ipv6.NewPacketConn(pc)
+	c, join, err := mdnsWrap(pc, v6, true)
+	if err != nil {
+		pc.Close()
+		return nil, fmt.Errorf("micro: mdns: %s socket options: %w", network, err)
+	}
 	joined := 0
 	for i := range ifis {
 		ifc := ifaces[ifis[i].Index]
-		if !mdnsHas(ifc.addrs, true) {
+		if !mdnsHas(ifc.addrs, v6) || join(&ifis[i]) != nil {
 			continue
 		}
-		if p.JoinGroup(&ifis[i], &net.UDPAddr{IP: mdnsGroup6.Addr().AsSlice()}) == nil {
+		if v6 {
 			ifc.v6 = true
-			joined++
+		} else {
+			ifc.v4 = true
 		}
+		joined++
 	}
 	if joined == 0 {
 		pc.Close()
 		return nil, nil
 	}
-	if err := errors.Join(p.SetControlMessage(ipv6.FlagInterface, true), p.SetMulticastHopLimit(255),
-		p.SetHopLimit(255), p.SetMulticastLoopback(true)); err != nil {
-		pc.Close()
-		return nil, fmt.Errorf("micro: mdns: udp6 socket options: %w", err)
-	}
-	return &mdnsConn6{pc: pc, p: p}, nil
+	return c, nil
 }
 
 // mdnsOneShot opens a socket on an ordinary port from which Lookup asks as
@@ -212,95 +188,104 @@ func mdnsOpen6(lc net.ListenConfig, ifis []net.Interface, ifaces map[int]*mdnsIf
 // unicast, with no delay and no rate limit, so a cold lookup takes one round
 // trip.
 func mdnsOneShot(v6 bool) (mdnsConn, error) {
-	if v6 {
-		pc, err := net.ListenPacket("udp6", "[::]:0")
-		if err != nil {
-			return nil, err
-		}
-		p := ipv6.NewPacketConn(pc)
-		if err := errors.Join(p.SetControlMessage(ipv6.FlagInterface, true), p.SetMulticastHopLimit(255),
-			p.SetMulticastLoopback(true)); err != nil {
-			pc.Close()
-			return nil, err
-		}
-		return &mdnsConn6{pc: pc, p: p}, nil
-	}
-	pc, err := net.ListenPacket("udp4", "0.0.0.0:0")
+	pc, err := net.ListenPacket(mdnsFamily(v6, 0))
 	if err != nil {
 		return nil, err
 	}
-	p := ipv4.NewPacketConn(pc)
-	if err := errors.Join(p.SetControlMessage(ipv4.FlagInterface, true), p.SetMulticastTTL(255),
-		p.SetMulticastLoopback(true)); err != nil {
+	c, _, err := mdnsWrap(pc, v6, false)
+	if err != nil {
 		pc.Close()
 		return nil, err
 	}
-	return &mdnsConn4{pc: pc, p: p}, nil
+	return c, nil
 }
 
-type mdnsConn4 struct {
-	pc net.PacketConn
-	p  *ipv4.PacketConn
+// mdnsSock is an mdnsConn over a UDP socket of one family, read and written
+// through x/net's PacketConn of that family, for the interface of each
+// packet.
+type mdnsSock struct {
+	pc   net.PacketConn
+	is6  bool
+	recv func(b []byte) (n, ifIndex int, src net.Addr, err error)
+	send func(b []byte, ifIndex int, dst net.Addr) error
 }
 
-func (c *mdnsConn4) read(b []byte) (int, int, netip.AddrPort, error) {
-	n, cm, src, err := c.p.ReadFrom(b)
+// mdnsWrap makes pc an mdnsConn and returns with it the function that
+// joins the group on an interface. It sets what every mDNS socket needs:
+// the interface of each packet reported, multicast TTL 255 as RFC 6762 §11
+// asks, and loopback, so that other responders on this host hear us; and on
+// the group's port (bound), the unicast TTL 255 too.
+func mdnsWrap(pc net.PacketConn, v6, bound bool) (*mdnsSock, func(*net.Interface) error, error) {
+	s := &mdnsSock{pc: pc, is6: v6}
+	if v6 {
+		p := ipv6.NewPacketConn(pc)
+		err := errors.Join(p.SetControlMessage(ipv6.FlagInterface, true), p.SetMulticastHopLimit(255),
+			p.SetMulticastLoopback(true))
+		if bound {
+			err = errors.Join(err, p.SetHopLimit(255))
+		}
+		s.recv = func(b []byte) (int, int, net.Addr, error) {
+			n, cm, src, err := p.ReadFrom(b)
+			if cm == nil {
+				return n, 0, src, err
+			}
+			return n, cm.IfIndex, src, err
+		}
+		s.send = func(b []byte, ifIndex int, dst net.Addr) error {
+			var cm *ipv6.ControlMessage
+			if ifIndex > 0 {
+				cm = &ipv6.ControlMessage{IfIndex: ifIndex}
+			}
+			_, err := p.WriteTo(b, cm, dst)
+			return err
+		}
+		group := &net.UDPAddr{IP: mdnsGroup6.Addr().AsSlice()}
+		return s, func(ifi *net.Interface) error { return p.JoinGroup(ifi, group) }, err
+	}
+	p := ipv4.NewPacketConn(pc)
+	err := errors.Join(p.SetControlMessage(ipv4.FlagInterface, true), p.SetMulticastTTL(255),
+		p.SetMulticastLoopback(true))
+	if bound {
+		err = errors.Join(err, p.SetTTL(255))
+	}
+	s.recv = func(b []byte) (int, int, net.Addr, error) {
+		n, cm, src, err := p.ReadFrom(b)
+		if cm == nil {
+			return n, 0, src, err
+		}
+		return n, cm.IfIndex, src, err
+	}
+	s.send = func(b []byte, ifIndex int, dst net.Addr) error {
+		var cm *ipv4.ControlMessage
+		if ifIndex > 0 {
+			cm = &ipv4.ControlMessage{IfIndex: ifIndex}
+		}
+		_, err := p.WriteTo(b, cm, dst)
+		return err
+	}
+	group := &net.UDPAddr{IP: mdnsGroup4.Addr().AsSlice()}
+	return s, func(ifi *net.Interface) error { return p.JoinGroup(ifi, group) }, err
+}
+
+func (c *mdnsSock) read(b []byte) (int, int, netip.AddrPort, error) {
+	n, ifi, src, err := c.recv(b)
 	if err != nil {
 		return 0, 0, netip.AddrPort{}, err
-	}
-	ifi := 0
-	if cm != nil {
-		ifi = cm.IfIndex
 	}
 	ua, _ := src.(*net.UDPAddr)
 	if ua == nil {
 		return n, ifi, netip.AddrPort{}, nil
 	}
 	ap := ua.AddrPort()
-	return n, ifi, netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()), nil
+	if !c.is6 {
+		ap = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+	}
+	return n, ifi, ap, nil
 }
 
-func (c *mdnsConn4) write(b []byte, ifIndex int, dst netip.AddrPort) error {
-	var cm *ipv4.ControlMessage
-	if ifIndex > 0 {
-		cm = &ipv4.ControlMessage{IfIndex: ifIndex}
-	}
-	_, err := c.p.WriteTo(b, cm, net.UDPAddrFromAddrPort(dst))
-	return err
+func (c *mdnsSock) write(b []byte, ifIndex int, dst netip.AddrPort) error {
+	return c.send(b, ifIndex, net.UDPAddrFromAddrPort(dst))
 }
 
-func (c *mdnsConn4) v6() bool     { return false }
-func (c *mdnsConn4) Close() error { return c.pc.Close() }
-
-type mdnsConn6 struct {
-	pc net.PacketConn
-	p  *ipv6.PacketConn
-}
-
-func (c *mdnsConn6) read(b []byte) (int, int, netip.AddrPort, error) {
-	n, cm, src, err := c.p.ReadFrom(b)
-	if err != nil {
-		return 0, 0, netip.AddrPort{}, err
-	}
-	ifi := 0
-	if cm != nil {
-		ifi = cm.IfIndex
-	}
-	ua, _ := src.(*net.UDPAddr)
-	if ua == nil {
-		return n, ifi, netip.AddrPort{}, nil
-	}
-	return n, ifi, ua.AddrPort(), nil
-}
-
-func (c *mdnsConn6) write(b []byte, ifIndex int, dst netip.AddrPort) error {
-	var cm *ipv6.ControlMessage
-	if ifIndex > 0 {
-		cm = &ipv6.ControlMessage{IfIndex: ifIndex}
-	}
-	_, err := c.p.WriteTo(b, cm, net.UDPAddrFromAddrPort(dst))
-	return err
-}
-
-func (c *mdnsConn6) v6() bool     { return true }
-func (c *mdnsConn6) Close() error { return c.pc.Close() }
+func (c *mdnsSock) v6() bool     { return c.is6 }
+func (c *mdnsSock) Close() error { return c.pc.Close() }
