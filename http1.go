@@ -750,7 +750,7 @@ type http1Head struct {
 	status int
 	length int64       // Content-Length; -1 if none
 	close  bool        // the connection carries nothing more after this reply
-	final  bool        // the server said so (Connection: close, HTTP/1.0): it served no request after this one
+	final  bool        // the server said so (Connection: close, or HTTP/1.0 without keep-alive): it served no request after this one
 	ctype  string      // media type of Content-Type, without parameters
 	header http.Header // every header, when asked for or not 200; else nil
 }

@@ -70,6 +70,14 @@ func ReadMany(ctx context.Context, s Store, keys []string, opts ...ReadOption) (
 	if _, err := storeManyQuery(keys, opts); err != nil {
 		return nil, err
 	}
+	return storeReadEach(ctx, s, keys, opts)
+}
+
+// storeReadEach reads keys one Read at a time, as ReadMany returns them.
+func storeReadEach(ctx context.Context, s Store, keys []string, opts []ReadOption) ([]*Record, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
 	out := make([]*Record, len(keys))
 	for i, k := range keys {
 		recs, err := s.Read(ctx, k, opts...)
@@ -325,7 +333,8 @@ func storeReadQuery(key string, opts []ReadOption) (q storeQuery, exact bool, er
 		// written, so it is not found.
 		return q, exact, storeCheckKey(key)
 	}
-	return q, exact, q.check()
+	err = q.check() // before q is returned: check fills in its defaults
+	return q, exact, err
 }
 
 func storeListQuery(opts []ListOption) (storeQuery, error) {
@@ -333,7 +342,8 @@ func storeListQuery(opts []ListOption) (storeQuery, error) {
 	for _, o := range opts {
 		o.applyList(&q)
 	}
-	return q, q.check()
+	err := q.check() // before q is returned: check fills in its defaults
+	return q, err
 }
 
 func storeDeleteQuery(key string, opts []DeleteOption) (storeQuery, error) {
@@ -344,7 +354,8 @@ func storeDeleteQuery(key string, opts []DeleteOption) (storeQuery, error) {
 	if err := storeCheckKey(key); err != nil {
 		return q, err
 	}
-	return q, q.check()
+	err := q.check() // before q is returned: check fills in its defaults
+	return q, err
 }
 
 // check fills in the default namespace and checks the query: prefixes and
@@ -1032,5 +1043,6 @@ func storeManyQuery(keys []string, opts []ReadOption) (q storeQuery, err error) 
 			return q, storeCheckKey(k)
 		}
 	}
-	return q, q.check()
+	err = q.check() // before q is returned: check fills in its defaults
+	return q, err
 }

@@ -1096,10 +1096,13 @@ func (l *storeLog) record(r *Record, b []byte, loc storeLoc, table, key string, 
 		}
 	}
 	r.Key = key
-	if arena != nil {
+	switch {
+	case arena != nil:
 		r.Value = arena.copy(raw.value)
-	} else if len(raw.value) > 0 {
+	case len(raw.value) > 0:
 		r.Value = raw.value[:len(raw.value):len(raw.value)]
+	default:
+		r.Value = nil
 	}
 	r.Expiry = storeRemaining(raw.expires, now)
 	if raw.nmeta > 0 {
@@ -1589,12 +1592,12 @@ func storeField(b []byte) (field, rest []byte, ok bool) {
 
 // ReadMany reads the records with the keys, all from one database and
 // table: a slice as long as keys, with keys[i]'s record at i, or nil where
-// there is none. It is one Read a key, faster: the index is searched for
-// every key before any record is fetched, so that their cache misses
-// overlap rather than follow one another, and the records' copies share
-// one allocation (keeping any one of them keeps the batch's bytes). Only
-// ReadFrom applies; ReadPrefix, ReadSuffix, ReadLimit and ReadOffset are
-// refused.
+// there is none (see [ReadMany]). It is one Read a key, faster: it takes the
+// keys 64 at a time, looks each of them up before it fetches any record,
+// so that their cache misses overlap rather than follow one another, and
+// copies the chunk's records up to 4 KiB into one allocation (keeping one
+// of those values keeps the chunk's, at most 256 KiB). Only ReadFrom
+// applies; ReadPrefix, ReadSuffix, ReadLimit and ReadOffset are refused.
 func (s *FileStore) ReadMany(ctx context.Context, keys []string, opts ...ReadOption) ([]*Record, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
@@ -1604,10 +1607,13 @@ func (s *FileStore) ReadMany(ctx context.Context, keys []string, opts ...ReadOpt
 		return nil, err
 	}
 	l, err := s.log(q.db, false)
-	if err != nil || l == nil {
-		return make([]*Record, len(keys)), err
+	switch {
+	case err != nil:
+		return nil, err
+	case l == nil:
+		return make([]*Record, len(keys)), nil
 	}
-	return l.getMany(q.table, keys)
+	return l.getMany(ctx, q.table, keys)
 }
 
 const (
@@ -1617,34 +1623,37 @@ const (
 	storeManyChunk = 64
 	// storeManyShared is the largest record whose copy shares one
 	// allocation with the rest of its chunk's: keeping one value of a
-	// batch keeps at most 64 × 4 KiB.
+	// batch keeps at most 64 × 4 KiB of it.
 	storeManyShared = 4096
 )
 
 // getMany reads the records of keys (see ReadMany). For each chunk of keys
 // it looks every key up, then copies every record, then checks the copies
 // outside the lock: the lookups' cache misses overlap one another, as do
-// the copies'. Small records share one allocation. A record past the
+// the copies'. A chunk's records up to storeManyShared share one block and
+// one array of Records; a larger one gets its own. A record past the
 // mapping, or another key's that hashes alike, is read again with get.
-func (l *storeLog) getMany(table string, keys []string) ([]*Record, error) {
+func (l *storeLog) getMany(ctx context.Context, table string, keys []string) ([]*Record, error) {
 	out := make([]*Record, len(keys))
-	recs := make([]Record, len(keys))
 	var again []int
-	for from := 0; from < len(keys); from += storeManyChunk {
+	for from := 0; from == 0 || from < len(keys); from += storeManyChunk {
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
 		chunk := keys[from:min(from+storeManyChunk, len(keys))]
 		var locs [storeManyChunk]storeLoc // size 0: nothing to check
+		var copies [storeManyChunk][]byte
 		l.mu.RLock()
 		if l.closed {
 			l.mu.RUnlock()
 			return nil, ErrClosed
 		}
 		idx := l.tables[table]
-		if idx == nil {
-			l.mu.RUnlock()
-			return out, nil
-		}
 		small := 0 // bytes of the records up to storeManyShared
 		for i, key := range chunk {
+			if idx == nil {
+				break
+			}
 			off, size, ok := idx.peek(key)
 			switch {
 			case !ok:
@@ -1663,29 +1672,35 @@ func (l *storeLog) getMany(table string, keys []string) ([]*Record, error) {
 			case loc.size == 0:
 			case loc.size <= storeManyShared:
 				n := copy(block, b)
-				recs[from+i].Value, block = block[:n:n], block[n:]
+				copies[i], block = block[:n:n], block[n:]
 			default:
-				recs[from+i].Value = append([]byte(nil), b...)
+				copies[i] = append([]byte(nil), b...)
 			}
 		}
 		l.mu.RUnlock()
+		var recs []Record // the small records'
 		for i, loc := range locs[:len(chunk)] {
 			if loc.size == 0 {
 				continue
 			}
-			r := &recs[from+i]
-			err := l.record(r, r.Value, loc, table, chunk[i], storeNowUnread, nil, true)
-			switch err {
+			var r *Record
+			if loc.size > storeManyShared {
+				r = new(Record)
+			} else {
+				if recs == nil {
+					recs = make([]Record, len(chunk))
+				}
+				r = &recs[i]
+			}
+			switch err := l.record(r, copies[i], loc, table, chunk[i], storeNowUnread, nil, true); err {
 			case nil:
 				out[from+i] = r
-				continue
 			case errStoreOther:
 				again = append(again, from+i)
 			case errStoreExpired:
 			default:
 				return nil, err
 			}
-			r.Value = nil
 		}
 	}
 	for _, i := range again {

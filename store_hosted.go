@@ -74,10 +74,15 @@ func (s *RemoteStore) Read(ctx context.Context, key string, opts ...ReadOption) 
 	return rsp.Records, nil
 }
 
-// ReadMany calls Store.ReadMany once for all the keys (see [ReadMany]).
+// ReadMany calls Store.ReadMany for the keys (see [ReadMany]): once, or
+// once per 1,000 keys. A server too old to have Store.ReadMany
+// (unimplemented) is asked with one Read a key instead.
 func (s *RemoteStore) ReadMany(ctx context.Context, keys []string, opts ...ReadOption) ([]*Record, error) {
 	q, err := storeManyQuery(keys, opts)
 	if err != nil {
+		return nil, err
+	}
+	if err := s.ready(ctx); err != nil {
 		return nil, err
 	}
 	out := make([]*Record, len(keys))
@@ -90,22 +95,33 @@ func (s *RemoteStore) ReadMany(ctx context.Context, keys []string, opts ...ReadO
 			send, at = append(send, k), append(at, i)
 		}
 	}
-	if len(send) == 0 {
-		return out, s.ready(ctx)
-	}
-	var rsp storeReadResponse
-	req := &storeReadManyRequest{Keys: send, Database: q.db, Table: q.table}
-	if err := s.call(ctx, "Store.ReadMany", req, &rsp); err != nil {
-		return nil, err
-	}
-	if len(rsp.Records) != len(send) {
-		return nil, Errorf(CodeInternal, "micro: store: ReadMany of %d keys answered with %d records", len(send), len(rsp.Records))
-	}
-	for j, r := range rsp.Records {
-		if r != nil && r.Key != send[j] {
-			return nil, Errorf(CodeInternal, "micro: store: ReadMany answered %q for %q", r.Key, send[j])
+	for from := 0; from < len(send); from += storeManyWireKeys {
+		part := send[from:min(from+storeManyWireKeys, len(send))]
+		var rsp storeReadResponse
+		req := &storeReadManyRequest{Keys: part, Database: q.db, Table: q.table}
+		err := s.call(ctx, "Store.ReadMany", req, &rsp)
+		if from == 0 && CodeOf(err) == CodeUnimplemented {
+			recs, err := storeReadEach(ctx, s, send, opts)
+			if err != nil {
+				return nil, err
+			}
+			for j, r := range recs {
+				out[at[j]] = r
+			}
+			return out, nil
 		}
-		out[at[j]] = r
+		if err != nil {
+			return nil, err
+		}
+		if len(rsp.Records) != len(part) {
+			return nil, Errorf(CodeInternal, "micro: store: ReadMany of %d keys answered with %d records", len(part), len(rsp.Records))
+		}
+		for j, r := range rsp.Records {
+			if r != nil && r.Key != part[j] {
+				return nil, Errorf(CodeInternal, "micro: store: ReadMany answered %q for %q", r.Key, part[j])
+			}
+			out[at[from+j]] = r
+		}
 	}
 	return out, nil
 }
@@ -251,15 +267,53 @@ func (h *storeHandler) Read(ctx context.Context, req *storeReadRequest, rsp *sto
 	return storeWireError(err)
 }
 
+const (
+	// storeManyWireKeys bounds the keys of one Store.ReadMany call;
+	// RemoteStore.ReadMany splits a longer list.
+	storeManyWireKeys = 1000
+	// storeManyWireBytes bounds the keys, values and metadata of one
+	// Store.ReadMany reply, a key asked for twice counting twice, so that a
+	// short request cannot make a long reply.
+	storeManyWireBytes = 32 << 20
+)
+
 // ReadMany serves Store.ReadMany: records aligned with the keys, null
-// where there is none.
+// where there is none. Each key is read once, however often it is asked
+// for. More than 1,000 keys is invalid_argument; a reply over 32 MiB is
+// resource_exhausted.
 func (h *storeHandler) ReadMany(ctx context.Context, req *storeReadManyRequest, rsp *storeReadResponse) error {
-	recs, err := ReadMany(ctx, h.store, req.Keys, ReadFrom(req.Database, req.Table))
-	if err == nil && recs == nil {
-		recs = []*Record{}
+	if len(req.Keys) > storeManyWireKeys {
+		return Errorf(CodeInvalidArgument, "micro: store: ReadMany of %d keys: at most %d a call", len(req.Keys), storeManyWireKeys)
 	}
-	rsp.Records = recs
-	return storeWireError(err)
+	at := make(map[string]int, len(req.Keys))
+	var distinct []string
+	for _, k := range req.Keys {
+		if _, ok := at[k]; !ok {
+			at[k] = len(distinct)
+			distinct = append(distinct, k)
+		}
+	}
+	recs, err := ReadMany(ctx, h.store, distinct, ReadFrom(req.Database, req.Table))
+	if err != nil {
+		return storeWireError(err)
+	}
+	rsp.Records = make([]*Record, len(req.Keys))
+	size := 0
+	for i, k := range req.Keys {
+		r := recs[at[k]]
+		if r == nil {
+			continue
+		}
+		size += len(r.Key) + len(r.Value)
+		for mk, mv := range r.Metadata {
+			size += len(mk) + len(mv)
+		}
+		if size > storeManyWireBytes {
+			return Errorf(CodeResourceExhausted, "micro: store: ReadMany's reply would pass %d MiB: ask for fewer keys a call", storeManyWireBytes>>20)
+		}
+		rsp.Records[i] = r
+	}
+	return nil
 }
 
 // Write serves Store.Write.

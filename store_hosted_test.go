@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"net/http"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -82,4 +83,65 @@ func TestRemoteStoreErrorsAndRawCalls(t *testing.T) {
 	backing.Close()
 	_, err = rs.Read(ctx, "x")
 	assertCode(t, err, CodeUnavailable)
+}
+
+// TestRemoteStoreReadManyLimits: a server reads a key asked for twice once,
+// refuses more than 1,000 keys and a reply over 32 MiB, and a client splits
+// a long list and falls back to one Read a key on a server without
+// Store.ReadMany.
+func TestRemoteStoreReadManyLimits(t *testing.T) {
+	checkGoroutines(t)
+	ctx := context.Background()
+	backing := NewMemoryStore()
+	defer backing.Close()
+	big := make([]byte, 1<<20)
+	assertNoError(t, backing.Write(ctx, &Record{Key: "big", Value: big}))
+	assertNoError(t, backing.Write(ctx, &Record{Key: "small", Value: []byte("s")}))
+	svc := NewService(Name("store"), Address("127.0.0.1:0"), HandleSignal(false), Args())
+	assertNoError(t, RegisterStore(svc.Server(), backing))
+	assertNoError(t, svc.Start())
+	defer svc.Close()
+	rs := NewRemoteStore(svc.Client(), "", WithAddress(svc.Addr()))
+
+	keys := []string{"big", "small", "big", "nope"}
+	recs, err := rs.ReadMany(ctx, keys)
+	assertNoError(t, err)
+	assertEqual(t, len(recs[0].Value), len(big))
+	assertEqual(t, len(recs[2].Value), len(big))
+	assertEqual(t, string(recs[1].Value), "s")
+	assertEqual(t, recs[3] == nil, true)
+
+	// 40 MiB of one key asked for 40 times.
+	_, err = rs.ReadMany(ctx, slices.Repeat([]string{"big"}, 40))
+	assertCode(t, err, CodeResourceExhausted)
+
+	// 2,500 keys go in three calls.
+	many := slices.Repeat([]string{"small", "nope"}, 1250)
+	recs, err = rs.ReadMany(ctx, many)
+	assertNoError(t, err)
+	for i, r := range recs {
+		if (r != nil) != (i%2 == 0) {
+			t.Fatalf("record %d: %v", i, r)
+		}
+	}
+	var req storeReadManyRequest
+	req.Keys = slices.Repeat([]string{"small"}, storeManyWireKeys+1)
+	var rsp storeReadResponse
+	assertCode(t, svc.Client().Call(ctx, "", "Store.ReadMany", &req, &rsp, WithAddress(svc.Addr())), CodeInvalidArgument)
+
+	// A server that has only Store.Read.
+	old := NewService(Name("old"), Address("127.0.0.1:0"), HandleSignal(false), Args())
+	assertNoError(t, RegisterHandler(old.Server(), &testOldStore{&storeHandler{backing}}, HandlerName("Store")))
+	assertNoError(t, old.Start())
+	defer old.Close()
+	recs, err = NewRemoteStore(old.Client(), "", WithAddress(old.Addr())).ReadMany(ctx, []string{"nope", "small"})
+	assertNoError(t, err)
+	assertEqual(t, recs[0] == nil && string(recs[1].Value) == "s", true)
+}
+
+// testOldStore serves Store.Read only, as a server from before ReadMany.
+type testOldStore struct{ h *storeHandler }
+
+func (o *testOldStore) Read(ctx context.Context, req *storeReadRequest, rsp *storeReadResponse) error {
+	return o.h.Read(ctx, req, rsp)
 }

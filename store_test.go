@@ -217,6 +217,7 @@ func TestStoreReadMany(t *testing.T) {
 			testStoreFill(t, s, "a", "b", "c/1")
 			assertNoError(t, s.Write(ctx, &Record{Key: "a", Value: []byte("other"), Metadata: map[string]string{"m": "1"}},
 				WriteTo("other", "t")))
+			assertNoError(t, s.Write(ctx, &Record{Key: "empty", Metadata: map[string]string{"m": "2"}}))
 			assertNoError(t, s.Write(ctx, &Record{Key: "ttl", Value: []byte("soon")}, WriteTTL(time.Second)))
 			show := func(recs []*Record) string {
 				var b strings.Builder
@@ -239,6 +240,7 @@ func TestStoreReadMany(t *testing.T) {
 				{[]string{"a"}, []ReadOption{ReadFrom("nodb", "")}, "- "},
 				{[]string{"a", "\xff"}, nil, "a=v:a map[] - "},
 				{[]string{"ttl"}, nil, "ttl=soon map[] "},
+				{[]string{"empty", "a"}, nil, "empty= map[m:2] a=v:a map[] "},
 				{[]string{}, nil, ""},
 			}
 			for _, c := range reads {
@@ -279,6 +281,11 @@ func TestStoreReadMany(t *testing.T) {
 			if _, err := ReadMany(ctx, s, []string{"a"}); !errors.Is(err, ErrClosed) {
 				t.Fatalf("closed store: %v", err)
 			}
+			if _, ok := s.(testPlainStore); !ok { // Read-a-key has nothing to call
+				if recs, err := ReadMany(ctx, s, nil); !errors.Is(err, ErrClosed) || recs != nil {
+					t.Fatalf("closed store, no keys: %v, %v", recs, err)
+				}
+			}
 		})
 	}
 }
@@ -293,11 +300,20 @@ func TestFileStoreReadManyLarge(t *testing.T) {
 	assertNoError(t, err)
 	defer s.Close()
 	value := func(i int) []byte {
+		if i%11 == 5 {
+			return nil // with a key long enough, past storeManyShared
+		}
 		return bytes.Repeat([]byte{byte('a' + i%26)}, 1+i*37%(3*storeManyShared))
+	}
+	key := func(i int) string {
+		if i%11 == 5 {
+			return fmt.Sprintf("k%04d", i) + strings.Repeat("-", i*97%(2*storeManyShared))
+		}
+		return fmt.Sprintf("k%04d", i)
 	}
 	var keys []string
 	for i := range 3*storeManyChunk + 5 {
-		keys = append(keys, fmt.Sprintf("k%04d", i))
+		keys = append(keys, key(i))
 		if i%7 != 3 { // every seventh is missing
 			assertNoError(t, s.Write(ctx, &Record{Key: keys[i], Value: value(i)}))
 		}
