@@ -23,7 +23,8 @@ import (
 //	                 → {"keys":["a1"]}
 //
 // A missing key is not_found for Read, and null in ReadMany's records; a
-// damaged record is data_loss. Durations (ttl,
+// damaged record is data_loss. ReadMany takes at most 1,000 keys a call and
+// answers at most 32 MiB (resource_exhausted past that). Durations (ttl,
 // expiry) are in nanoseconds; a Write's ttl, when not zero, overrides its
 // record's expiry, and a negative one writes a record that has already
 // expired. The caller keeps ownership of st.
