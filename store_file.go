@@ -995,16 +995,36 @@ func (a *storeArena) copy(v []byte) []byte {
 	return a.buf[n:len(a.buf):len(a.buf)]
 }
 
-// storeRecords hands out Records from shared blocks.
-type storeRecords struct{ block []Record }
+// storeRecords hands out Records from shared blocks, and at the end the
+// slice of them in the order handed out.
+type storeRecords struct {
+	blocks [][]Record
+	n      int
+}
 
 func (b *storeRecords) next() *Record {
-	if len(b.block) == cap(b.block) {
-		b.block = make([]Record, 0, 64)
+	if len(b.blocks) == 0 || len(b.blocks[len(b.blocks)-1]) == storeRecordBlock {
+		b.blocks = append(b.blocks, make([]Record, 0, storeRecordBlock))
 	}
-	b.block = b.block[:len(b.block)+1]
-	return &b.block[len(b.block)-1]
+	last := &b.blocks[len(b.blocks)-1]
+	*last = (*last)[:len(*last)+1]
+	b.n++
+	return &(*last)[len(*last)-1]
 }
+
+// all returns the records handed out, in order, in a slice of its own size.
+func (b *storeRecords) all() []*Record {
+	out := make([]*Record, 0, b.n)
+	for _, block := range b.blocks {
+		for i := range block {
+			out = append(out, &block[i])
+		}
+	}
+	return out
+}
+
+// storeRecordBlock is how many Records share an allocation in a range read.
+const storeRecordBlock = 64
 
 // scan reads the records q selects: those in the mapping are decoded under
 // the index's read lock as they are found, the rest (past the mapping, or
@@ -1023,23 +1043,20 @@ func (l *storeLog) scan(q *storeQuery, now int64) ([]*Record, error) {
 			l.mu.RUnlock()
 			return nil, ErrClosed
 		}
-		recs := []*Record{}
 		var hits []hit
 		var arena storeArena
 		var alloc storeRecords
 		var err error
-		var scratch []byte
 		mapped := l.mapped
 		storeScan(l.tables[q.table].ordered(), q, func(v storeLoc) bool { return storeLive(v.expires, now) }, func(k string, v storeLoc) {
 			if err != nil {
 				return
 			}
 			r := alloc.next()
-			recs = append(recs, r)
 			if v.end() <= int64(len(mapped)) {
-				// Checked in a private copy, as in get.
-				scratch = append(scratch[:0], mapped[v.off:v.end()]...)
-				err = l.record(r, scratch, v, q.table, k, now, &arena, false)
+				// Copied whole into the arena and checked there, as in get:
+				// the value served is the copy checked, and aliases it.
+				err = l.record(r, arena.copy(mapped[v.off:v.end()]), v, q.table, k, now, nil, false)
 				return
 			}
 			hits = append(hits, hit{k, v, r})
@@ -1065,7 +1082,7 @@ func (l *storeLog) scan(q *storeQuery, now int64) ([]*Record, error) {
 			}
 		}
 		if !retry {
-			return recs, nil
+			return alloc.all(), nil
 		}
 	}
 }
