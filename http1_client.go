@@ -28,7 +28,11 @@ import (
 // that caller, who writes it before it waits on the network. Small requests
 // are written under no caller's deadline, and a write that would block for
 // longer than http1SpillAfter goes on in a goroutine, so that the caller
-// whose turn it is to read never waits in a write.
+// whose turn it is to read never waits in a write. No call joins a
+// connection while such a write is under way (the server is not reading),
+// and once every call on it has its reply the write has http1OrphanWrite
+// left, or none after Client.Close: a server that answered early and then
+// neither reads nor closes does not hold the goroutine.
 // Reads: replies come in request order. The caller whose reply is next reads
 // it from the connection in its own goroutine, then hands the read turn to
 // the next caller, whose reply is often in the buffer already. A lone caller
@@ -100,6 +104,7 @@ type http1ClientConn struct {
 	wbytes   int           // bytes in wq
 	wcalls   []*http1Wait  // the calls in wq (a server may answer before a request is written, so not the end of queue)
 	writing  bool          // a caller is writing
+	spilling bool          // the writing goes on in a goroutine (see http1SpillAfter)
 	inWrite  []*http1Wait  // the calls of the write under way; the writer's
 	wspare   []http1Seg    // the writer's
 	wbufs    net.Buffers   // the writer's
@@ -341,7 +346,8 @@ func (p *http1Client) pickLocked(n *http1Node, now time.Time) *http1ClientConn {
 	for _, cc := range n.busy {
 		cc.mu.Lock()
 		l := len(cc.queue)
-		ok := cc.broken == nil && l < bestLen && (l == 0 || now.Sub(cc.queue[0].since) < p.maxWait)
+		// Not behind a write that spilled: the server is not reading.
+		ok := cc.broken == nil && !cc.spilling && l < bestLen && (l == 0 || now.Sub(cc.queue[0].since) < p.maxWait)
 		cc.mu.Unlock()
 		if ok {
 			best, bestLen = cc, l
@@ -412,6 +418,12 @@ func (p *http1Client) publish(cc *http1ClientConn) {
 // the one to read the next replies, and a server blocked writing those reads
 // no more requests: a caller blocked in a write must not hold up the reading.
 const http1SpillAfter = time.Millisecond
+
+// http1OrphanWrite is how long a spilled write may go on once every call on
+// its connection has its reply: the bytes left are of requests the server
+// has answered, and a server that neither reads them nor closes would hold
+// the goroutine, and the connection, for ever. Client.Close ends it at once.
+const http1OrphanWrite = time.Second
 
 // write writes what is queued on cc, unless another caller is writing: that
 // one takes the queued requests along. Small requests, perhaps other
@@ -490,9 +502,14 @@ func (p *http1Client) writeLoop(cc *http1ClientConn, big, spilled bool) {
 		}
 		n, err := bufs.WriteTo(cc.c) // consumes bufs, not cc.wbufs
 		if err != nil && !big && !spilled && errors.Is(err, os.ErrDeadlineExceeded) {
-			go func() { // the rest, in a goroutine of its own
-				cc.wdl = time.Time{}
-				cc.c.SetWriteDeadline(time.Time{})
+			// The rest goes on in a goroutine of its own, under no deadline
+			// until a reader or Close sets one (see http1OrphanWrite).
+			cc.wdl = time.Time{}
+			cc.c.SetWriteDeadline(time.Time{})
+			cc.mu.Lock()
+			cc.spilling = true
+			cc.mu.Unlock()
+			go func() {
 				m, err := bufs.WriteTo(cc.c)
 				if p.wrote(cc, segs, n+m, err, true) {
 					p.writeLoop(cc, false, true)
@@ -504,7 +521,7 @@ func (p *http1Client) writeLoop(cc *http1ClientConn, big, spilled bool) {
 			return
 		}
 	}
-	cc.writing = false
+	cc.writing, cc.spilling = false, false
 	// A goroutine that wrote the last of it may leave nothing in flight:
 	// nobody else would make the connection idle.
 	idle := spilled && cc.broken == nil && !cc.reading && len(cc.queue) == 0
@@ -545,7 +562,7 @@ func (p *http1Client) wrote(cc *http1ClientConn, segs []http1Seg, n int64, err e
 	}
 	clear(cc.inWrite)
 	cc.failLocked(err, false)
-	cc.writing = false
+	cc.writing, cc.spilling = false, false
 	cc.mu.Unlock()
 	p.drop(cc)
 	return false
@@ -653,6 +670,9 @@ func (p *http1Client) finish(ctx context.Context, cc *http1ClientConn, call *htt
 	}
 	broken := cc.broken != nil
 	idle := !broken && !cc.reading && len(cc.queue) == 0 && len(cc.wq) == 0 && !cc.writing
+	if !broken && !cc.reading && len(cc.queue) == 0 && cc.spilling {
+		cc.c.SetWriteDeadline(time.Now().Add(http1OrphanWrite))
+	}
 	if broken {
 		cc.awaitSettledLocked(w)
 	}
@@ -904,7 +924,8 @@ func (p *http1Client) put(cc *http1ClientConn) {
 	}
 }
 
-// close closes the idle connections; those in use close when they go idle.
+// close closes the idle connections; those in use close when they go idle,
+// and a spilled write whose calls all have their replies ends at once.
 func (p *http1Client) close() {
 	p.mu.Lock()
 	p.closed = true
@@ -918,6 +939,17 @@ func (p *http1Client) close() {
 	}
 	for _, cc := range idle {
 		p.dropLocked(cc)
+	}
+	// A write that spilled on a connection whose calls all have their
+	// replies serves nobody: it ends now, and its connection with it.
+	for _, n := range p.nodes {
+		for _, cc := range n.busy {
+			cc.mu.Lock()
+			if cc.spilling && len(cc.queue) == 0 {
+				cc.c.SetWriteDeadline(http1Past)
+			}
+			cc.mu.Unlock()
+		}
 	}
 	p.mu.Unlock()
 	for _, cc := range idle {

@@ -3,10 +3,14 @@
 package micro
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
+	"slices"
 	"sync"
 	"syscall"
 	"testing"
@@ -59,5 +63,83 @@ func TestHTTP1PipelinedWritesDoNotBlockTheReading(t *testing.T) {
 	close(errs)
 	for err := range errs {
 		assertNoError(t, err) // deadline_exceeded after a minute if the connection locked up
+	}
+}
+
+// A server that answers a request before reading its body, then neither
+// reads nor closes, leaves the client's write of the body spilled in a
+// goroutine. Later calls do not queue behind it (they go on another
+// connection), and it ends: at Client.Close, or http1OrphanWrite after the
+// last reply, whichever comes first.
+func TestHTTP1SpilledWriteToAServerThatStoppedReading(t *testing.T) {
+	checkGoroutines(t)
+	release := make(chan struct{})
+	conns := make(chan struct{}, 8)
+	small := net.ListenConfig{Control: func(_, _ string, rc syscall.RawConn) error {
+		return rc.Control(func(fd uintptr) { syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096) })
+	}}
+	ln, err := small.Listen(context.Background(), "tcp", "127.0.0.1:0")
+	assertNoError(t, err)
+	addr := serveConnsOn(t, ln, func(c net.Conn) {
+		conns <- struct{}{}
+		br := bufio.NewReader(c)
+		for {
+			req, err := http.ReadRequest(br)
+			if err != nil {
+				return
+			}
+			fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Type: %s\r\nContent-Length: 2\r\n\r\nok", ContentTypeBytes)
+			if req.ContentLength > 1024 {
+				<-release // answered, and reads no more
+				return
+			}
+			io.Copy(io.Discard, req.Body)
+		}
+	})
+	t.Cleanup(func() { close(release) }) // before serveConns waits for its connections
+	c := newTestClient(t, WithAddress(addr), Retries(0), RequestTimeout(time.Minute))
+	c.h1.maxConns = 1 // the next call would share the connection, were it open to more
+	c.h1.dialer.Control = func(_, _ string, rc syscall.RawConn) error {
+		return rc.Control(func(fd uintptr) {
+			syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_SNDBUF, 4096)
+		})
+	}
+	got, err := callGate(context.Background(), c, string(bytes.Repeat([]byte("x"), 60<<10)))
+	assertNoError(t, err)
+	assertEqual(t, got, "ok")
+	<-conns
+	c.h1.mu.Lock()
+	busy := slices.Clone(c.h1.nodes[addr].busy)
+	c.h1.mu.Unlock()
+	assertEqual(t, len(busy), 1)
+	cc := busy[0]
+	cc.mu.Lock()
+	spilling := cc.spilling
+	cc.mu.Unlock()
+	if !spilling {
+		t.Fatal("the body's write did not spill: the test proves nothing")
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	got, err = callGate(ctx, c, "small") // deadline_exceeded if it queued behind the spilled write
+	assertNoError(t, err)
+	assertEqual(t, got, "ok")
+	<-conns // on a connection of its own
+
+	ended := make(chan struct{})
+	go func() {
+		cc.mu.Lock()
+		for cc.spilling {
+			cc.settle.Wait()
+		}
+		cc.mu.Unlock()
+		close(ended)
+	}()
+	assertNoError(t, c.Close())
+	select {
+	case <-ended:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the spilled write outlived Client.Close and http1OrphanWrite")
 	}
 }

@@ -239,6 +239,12 @@ func serveConns(t *testing.T, serve func(c net.Conn)) string {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	assertNoError(t, err)
+	return serveConnsOn(t, ln, serve)
+}
+
+// serveConnsOn is serveConns on a listener of the caller's.
+func serveConnsOn(t *testing.T, ln net.Listener, serve func(c net.Conn)) string {
+	t.Helper()
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() {
