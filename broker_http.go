@@ -813,8 +813,12 @@ type brokerIndex struct {
 	epoch   uint64
 	live    bool
 	watchOn bool
-	started chan struct{} // closed once the watch's first Watch call has returned
+	started chan struct{} // closed once the watch's first Watch call has returned; nil once waited for
 }
+
+// brokerWatchWait bounds how long the first listing waits for the index's
+// registry watch to start.
+const brokerWatchWait = time.Second
 
 // brokerIndexTTL bounds how long an index lives even without watch events.
 const brokerIndexTTL = time.Minute
@@ -831,13 +835,13 @@ func (ix *brokerIndex) targets(ctx context.Context, b *brokerHTTP, topic string)
 		ix.mu.Unlock()
 		return t, nil
 	}
-	startWatch := !ix.watchOn
-	if startWatch {
-		ix.watchOn, ix.started = true, make(chan struct{})
+	var started chan struct{} // made by the first publish, which starts the watch
+	if !ix.watchOn {
+		started = make(chan struct{})
+		ix.watchOn, ix.started = true, started
 	}
-	started := ix.started
 	ix.mu.Unlock()
-	if startWatch {
+	if started != nil {
 		b.mu.Lock()
 		if b.closed {
 			close(started)
@@ -850,10 +854,22 @@ func (ix *brokerIndex) targets(ctx context.Context, b *brokerHTTP, topic string)
 	ch := ix.sf.DoChan("", func() (any, error) {
 		// The first listing waits for the watch to start, so that it can be
 		// kept: one made before would be stale at once, and the next
-		// publish would list the registry again.
-		select {
-		case <-started:
-		case <-b.ctx.Done():
+		// publish would list the registry again. A registry whose Watch
+		// has not returned within brokerWatchWait is waited for no more.
+		ix.mu.Lock()
+		started := ix.started
+		ix.mu.Unlock()
+		if started != nil {
+			t := time.NewTimer(brokerWatchWait)
+			select {
+			case <-started:
+			case <-t.C:
+			case <-b.ctx.Done():
+			}
+			t.Stop()
+			ix.mu.Lock()
+			ix.started = nil
+			ix.mu.Unlock()
 		}
 		ix.mu.Lock()
 		if ix.valid && time.Now().Before(ix.expires) {

@@ -876,3 +876,27 @@ func TestBrokerIndexKeptFromTheFirstPublish(t *testing.T) {
 	}
 	assertEqual(t, rec2.count(), 1)
 }
+
+// TestBrokerPublishWhileTheWatchHangs: a registry whose Watch does not
+// return does not hold publishing up. The first listing waits for the
+// watch a bounded time, then lists anyway; later ones do not wait. With no
+// watch running, no index is kept, and each publish lists.
+func TestBrokerPublishWhileTheWatchHangs(t *testing.T) {
+	checkGoroutines(t)
+	reg := newCountingRegistry(newBrokerTestRegistry(t))
+	rec := &brokerRecorder{name: "sub"}
+	newSubscriberService(t, reg, rec.name, "user.created", rec.raw, nil)
+	reg.watchHold = make(chan struct{}) // Watch returns only when the publisher closes
+	pub := newTestService(t, "publisher", nil, WithRegistry(reg))
+	for i := range 2 {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		err := pub.Client().Publish(ctx, "user.created", &UserCreated{ID: i})
+		cancel()
+		assertNoError(t, err)
+	}
+	assertEqual(t, rec.count(), 2)
+	reg.mu.Lock()
+	lists := reg.lists
+	reg.mu.Unlock()
+	assertEqual(t, lists, 2)
+}

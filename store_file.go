@@ -985,7 +985,8 @@ func (a *storeArena) copy(v []byte) []byte {
 	case len(v) == 0:
 		return nil
 	case len(v) > 4096:
-		return append([]byte(nil), v...)
+		v = append([]byte(nil), v...)
+		return v[:len(v):len(v)]
 	}
 	if cap(a.buf)-len(a.buf) < len(v) {
 		a.buf = make([]byte, 0, 32<<10)

@@ -24,7 +24,8 @@ import (
 //
 // A missing key is not_found for Read, and null in ReadMany's records; a
 // damaged record is data_loss. ReadMany takes at most 1,000 keys a call and
-// answers at most 32 MiB (resource_exhausted past that). Durations (ttl,
+// answers with at most 32 MiB of keys, values and metadata (more as JSON,
+// where values are base64); past that it is resource_exhausted. Durations (ttl,
 // expiry) are in nanoseconds; a Write's ttl, when not zero, overrides its
 // record's expiry, and a negative one writes a record that has already
 // expired. The caller keeps ownership of st.
@@ -76,8 +77,10 @@ func (s *RemoteStore) Read(ctx context.Context, key string, opts ...ReadOption) 
 }
 
 // ReadMany calls Store.ReadMany for the keys (see [ReadMany]): once, or
-// once per 1,000 keys. A server too old to have Store.ReadMany
-// (unimplemented) is asked with one Read a key instead.
+// once per 1,000 keys or 512 KiB of them; a part whose reply the server
+// finds too large (resource_exhausted) is asked again in halves. A server
+// too old to have Store.ReadMany (unimplemented) is asked with one Read a
+// key instead.
 func (s *RemoteStore) ReadMany(ctx context.Context, keys []string, opts ...ReadOption) ([]*Record, error) {
 	q, err := storeManyQuery(keys, opts)
 	if err != nil {
@@ -96,35 +99,61 @@ func (s *RemoteStore) ReadMany(ctx context.Context, keys []string, opts ...ReadO
 			send, at = append(send, k), append(at, i)
 		}
 	}
-	for from := 0; from < len(send); from += storeManyWireKeys {
-		part := send[from:min(from+storeManyWireKeys, len(send))]
-		var rsp storeReadResponse
-		req := &storeReadManyRequest{Keys: part, Database: q.db, Table: q.table}
-		err := s.call(ctx, "Store.ReadMany", req, &rsp)
+	recs := make([]*Record, 0, len(send))
+	for from := 0; from < len(send); {
+		to, size := from, 0
+		for to < len(send) && to-from < storeManyWireKeys && (to == from || size+len(send[to]) <= storeManyWireKeyBytes) {
+			size += len(send[to])
+			to++
+		}
+		part, err := s.readManyPart(ctx, q, send[from:to])
 		if from == 0 && CodeOf(err) == CodeUnimplemented {
-			recs, err := storeReadEach(ctx, s, send, opts)
+			recs, err = storeReadEach(ctx, s, send, opts)
 			if err != nil {
 				return nil, err
 			}
-			for j, r := range recs {
-				out[at[j]] = r
-			}
-			return out, nil
+			break
 		}
 		if err != nil {
 			return nil, err
 		}
-		if len(rsp.Records) != len(part) {
-			return nil, Errorf(CodeInternal, "micro: store: ReadMany of %d keys answered with %d records", len(part), len(rsp.Records))
-		}
-		for j, r := range rsp.Records {
-			if r != nil && r.Key != part[j] {
-				return nil, Errorf(CodeInternal, "micro: store: ReadMany answered %q for %q", r.Key, part[j])
-			}
-			out[at[from+j]] = r
-		}
+		recs = append(recs, part...)
+		from = to
+	}
+	for j, r := range recs {
+		out[at[j]] = r
 	}
 	return out, nil
+}
+
+// readManyPart makes one Store.ReadMany call for keys, or, if the server
+// finds its reply too large, one for each half.
+func (s *RemoteStore) readManyPart(ctx context.Context, q storeQuery, keys []string) ([]*Record, error) {
+	var rsp storeReadResponse
+	err := s.call(ctx, "Store.ReadMany", &storeReadManyRequest{Keys: keys, Database: q.db, Table: q.table}, &rsp)
+	if CodeOf(err) == CodeResourceExhausted && len(keys) > 1 {
+		first, err := s.readManyPart(ctx, q, keys[:len(keys)/2])
+		if err != nil {
+			return nil, err
+		}
+		second, err := s.readManyPart(ctx, q, keys[len(keys)/2:])
+		if err != nil {
+			return nil, err
+		}
+		return append(first, second...), nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	if len(rsp.Records) != len(keys) {
+		return nil, Errorf(CodeInternal, "micro: store: ReadMany of %d keys answered with %d records", len(keys), len(rsp.Records))
+	}
+	for j, r := range rsp.Records {
+		if r != nil && r.Key != keys[j] {
+			return nil, Errorf(CodeInternal, "micro: store: ReadMany answered %q for %q", r.Key, keys[j])
+		}
+	}
+	return rsp.Records, nil
 }
 
 // Write calls Store.Write. An expiry is sent as a time to live, so it means
@@ -272,6 +301,10 @@ const (
 	// storeManyWireKeys bounds the keys of one Store.ReadMany call;
 	// RemoteStore.ReadMany splits a longer list.
 	storeManyWireKeys = 1000
+	// storeManyWireKeyBytes is the most key bytes RemoteStore.ReadMany puts
+	// in one call (as JSON, at most six times as many: under the server's
+	// default 4 MiB request limit).
+	storeManyWireKeyBytes = 512 << 10
 	// storeManyWireBytes bounds the keys, values and metadata of one
 	// Store.ReadMany reply, a key asked for twice counting twice, so that a
 	// short request cannot make a long reply.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"slices"
@@ -86,8 +87,9 @@ func TestRemoteStoreErrorsAndRawCalls(t *testing.T) {
 }
 
 // TestRemoteStoreReadManyLimits: a server reads a key asked for twice once,
-// refuses more than 1,000 keys and a reply over 32 MiB, and a client splits
-// a long list and falls back to one Read a key on a server without
+// refuses more than 1,000 keys and a reply over 32 MiB; a client splits a
+// long list (by count and by bytes), asks again in halves for a reply too
+// large, and falls back to one Read a key on a server without
 // Store.ReadMany.
 func TestRemoteStoreReadManyLimits(t *testing.T) {
 	checkGoroutines(t)
@@ -111,9 +113,32 @@ func TestRemoteStoreReadManyLimits(t *testing.T) {
 	assertEqual(t, string(recs[1].Value), "s")
 	assertEqual(t, recs[3] == nil, true)
 
-	// 40 MiB of one key asked for 40 times.
-	_, err = rs.ReadMany(ctx, slices.Repeat([]string{"big"}, 40))
+	// 40 MiB of one key asked for 40 times: the server refuses it whole,
+	// and the client asks again in halves.
+	recs, err = rs.ReadMany(ctx, slices.Repeat([]string{"big"}, 40))
+	assertNoError(t, err)
+	for _, r := range recs {
+		assertEqual(t, len(r.Value), len(big))
+	}
+	// One record over the limit cannot be halved.
+	assertNoError(t, backing.Write(ctx, &Record{Key: "huge", Value: make([]byte, storeManyWireBytes+1)}))
+	_, err = rs.ReadMany(ctx, []string{"huge"})
 	assertCode(t, err, CodeResourceExhausted)
+
+	// Long keys: 80 of 60 KB do not fit one request (4 MiB).
+	var long []string
+	for i := range 80 {
+		k := fmt.Sprintf("%02d", i) + strings.Repeat("k", 60_000)
+		long = append(long, k)
+		assertNoError(t, backing.Write(ctx, &Record{Key: k, Value: []byte{byte(i)}}))
+	}
+	recs, err = rs.ReadMany(ctx, long)
+	assertNoError(t, err)
+	for i, r := range recs {
+		if r == nil || r.Key != long[i] || r.Value[0] != byte(i) {
+			t.Fatalf("long key %d: %v", i, r)
+		}
+	}
 
 	// 2,500 keys go in three calls.
 	many := slices.Repeat([]string{"small", "nope"}, 1250)
