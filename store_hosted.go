@@ -33,7 +33,7 @@ func RegisterStore(s *Server, st Store) error {
 	if st == nil {
 		return errors.New("micro: RegisterStore: store is nil")
 	}
-	return RegisterHandler(s, &storeHandler{st}, HandlerName("Store"))
+	return RegisterHandler(s, &storeHandler{store: st, maxReply: storeManyWireBytes}, HandlerName("Store"))
 }
 
 // RemoteStore is a [Store] served by another node through [RegisterStore],
@@ -235,7 +235,10 @@ func (s *RemoteStore) call(ctx context.Context, endpoint string, req, rsp any) e
 }
 
 // storeHandler serves a Store over RPC.
-type storeHandler struct{ store Store }
+type storeHandler struct {
+	store    Store
+	maxReply int // bytes of keys, values and metadata in a ReadMany reply
+}
 
 type storeReadRequest struct {
 	Key      string `json:"key"`
@@ -342,8 +345,8 @@ func (h *storeHandler) ReadMany(ctx context.Context, req *storeReadManyRequest, 
 		for mk, mv := range r.Metadata {
 			size += len(mk) + len(mv)
 		}
-		if size > storeManyWireBytes {
-			return Errorf(CodeResourceExhausted, "micro: store: ReadMany's reply would pass %d MiB: ask for fewer keys a call", storeManyWireBytes>>20)
+		if size > h.maxReply {
+			return Errorf(CodeResourceExhausted, "micro: store: ReadMany's reply would pass %d bytes: ask for fewer keys a call", h.maxReply)
 		}
 		rsp.Records[i] = r
 	}

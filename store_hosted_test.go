@@ -87,20 +87,22 @@ func TestRemoteStoreErrorsAndRawCalls(t *testing.T) {
 }
 
 // TestRemoteStoreReadManyLimits: a server reads a key asked for twice once,
-// refuses more than 1,000 keys and a reply over 32 MiB; a client splits a
-// long list (by count and by bytes), asks again in halves for a reply too
-// large, and falls back to one Read a key on a server without
-// Store.ReadMany.
+// refuses more than 1,000 keys and a reply over its limit; a client splits
+// a long list (by count, and by bytes to keep under the server's request
+// limit), asks again in halves for a reply too large, and falls back to one
+// Read a key on a server without Store.ReadMany. The server's limits are
+// scaled down (1 MiB requests, 64 KiB replies) to keep the test small.
 func TestRemoteStoreReadManyLimits(t *testing.T) {
 	checkGoroutines(t)
 	ctx := context.Background()
 	backing := NewMemoryStore()
 	defer backing.Close()
-	big := make([]byte, 1<<20)
+	const maxReply = 64 << 10
+	big := make([]byte, 16<<10)
 	assertNoError(t, backing.Write(ctx, &Record{Key: "big", Value: big}))
 	assertNoError(t, backing.Write(ctx, &Record{Key: "small", Value: []byte("s")}))
-	svc := NewService(Name("store"), Address("127.0.0.1:0"), HandleSignal(false), Args())
-	assertNoError(t, RegisterStore(svc.Server(), backing))
+	svc := NewService(Name("store"), Address("127.0.0.1:0"), HandleSignal(false), Args(), MaxBodySize(1<<20))
+	assertNoError(t, RegisterHandler(svc.Server(), &storeHandler{store: backing, maxReply: maxReply}, HandlerName("Store")))
 	assertNoError(t, svc.Start())
 	defer svc.Close()
 	rs := NewRemoteStore(svc.Client(), "", WithAddress(svc.Addr()))
@@ -113,7 +115,7 @@ func TestRemoteStoreReadManyLimits(t *testing.T) {
 	assertEqual(t, string(recs[1].Value), "s")
 	assertEqual(t, recs[3] == nil, true)
 
-	// 40 MiB of one key asked for 40 times: the server refuses it whole,
+	// 640 KiB of one key asked for 40 times: the server refuses it whole,
 	// and the client asks again in halves.
 	recs, err = rs.ReadMany(ctx, slices.Repeat([]string{"big"}, 40))
 	assertNoError(t, err)
@@ -121,13 +123,13 @@ func TestRemoteStoreReadManyLimits(t *testing.T) {
 		assertEqual(t, len(r.Value), len(big))
 	}
 	// One record over the limit cannot be halved.
-	assertNoError(t, backing.Write(ctx, &Record{Key: "huge", Value: make([]byte, storeManyWireBytes+1)}))
+	assertNoError(t, backing.Write(ctx, &Record{Key: "huge", Value: make([]byte, maxReply+1)}))
 	_, err = rs.ReadMany(ctx, []string{"huge"})
 	assertCode(t, err, CodeResourceExhausted)
 
-	// Long keys: 80 of 60 KB do not fit one request (4 MiB).
+	// Long keys: 20 of 60 KB do not fit one 1 MiB request.
 	var long []string
-	for i := range 80 {
+	for i := range 20 {
 		k := fmt.Sprintf("%02d", i) + strings.Repeat("k", 60_000)
 		long = append(long, k)
 		assertNoError(t, backing.Write(ctx, &Record{Key: k, Value: []byte{byte(i)}}))
@@ -156,7 +158,7 @@ func TestRemoteStoreReadManyLimits(t *testing.T) {
 
 	// A server that has only Store.Read.
 	old := NewService(Name("old"), Address("127.0.0.1:0"), HandleSignal(false), Args())
-	assertNoError(t, RegisterHandler(old.Server(), &testOldStore{&storeHandler{backing}}, HandlerName("Store")))
+	assertNoError(t, RegisterHandler(old.Server(), &testOldStore{&storeHandler{store: backing}}, HandlerName("Store")))
 	assertNoError(t, old.Start())
 	defer old.Close()
 	recs, err = NewRemoteStore(old.Client(), "", WithAddress(old.Addr())).ReadMany(ctx, []string{"nope", "small"})
