@@ -33,9 +33,9 @@ import (
 // process waits for that listing: one round trip and the settle time
 // ([MDNSListSettle]), or the lookup wait if nothing on the link answers.
 //
-// Deliveries to one node that queue up while a request to it is in flight
-// are gathered into the next request (up to 512 messages or 256 KiB), and
-// each message is acknowledged on its own in the reply.
+// Deliveries to one node that queue up while two requests to it are in
+// flight are gathered into one request (up to 512 messages or 256 KiB),
+// and each message is acknowledged on its own in the reply.
 //
 // The envelope of a request (content type application/octet-stream; str is
 // a uvarint length and the bytes):
@@ -58,7 +58,7 @@ const (
 	brokerEndpoint       = "micro.Broker.Deliver"
 	brokerMetaKey        = "broker.topics"
 	brokerMetaValueMax   = 200
-	brokerSendersPerNode = 1 // requests in flight to one node (see BENCHMARKS.md)
+	brokerSendersPerNode = 2 // requests in flight to one node: a handler that publishes to its own node needs the second
 	brokerBatchItems     = 512
 	brokerBatchBytes     = 256 << 10
 	brokerVersion        = 0x01

@@ -900,3 +900,32 @@ func TestBrokerPublishWhileTheWatchHangs(t *testing.T) {
 	reg.mu.Unlock()
 	assertEqual(t, lists, 2)
 }
+
+// TestBrokerHandlerPublishesToItsOwnNode: a handler that publishes, and
+// waits for, a message to a topic its own node subscribes to gets it
+// delivered while its own delivery is still in flight to that node. With
+// one request in flight per node, the nested delivery queued behind the
+// one waiting for it, until the deadline.
+func TestBrokerHandlerPublishesToItsOwnNode(t *testing.T) {
+	checkGoroutines(t)
+	reg := newBrokerTestRegistry(t)
+	svc := newTestService(t, "loop", nil, WithRegistry(reg))
+	rec := &brokerRecorder{name: "b"}
+	_, err := RegisterSubscriber("loop.b", svc.Server(), rec.raw)
+	assertNoError(t, err)
+	_, err = RegisterSubscriber("loop.a", svc.Server(), func(ctx context.Context, msg *Message) error {
+		var delivered int
+		err := svc.Client().Publish(ctx, "loop.b", &Message{Body: []byte("nested")}, Delivered(&delivered))
+		if err == nil && delivered != 1 {
+			err = fmt.Errorf("nested publish delivered to %d", delivered)
+		}
+		return err
+	})
+	assertNoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	var delivered int
+	assertNoError(t, svc.Client().Publish(ctx, "loop.a", &Message{Body: []byte("outer")}, Delivered(&delivered)))
+	assertEqual(t, delivered, 1)
+	assertEqual(t, rec.count(), 1)
+}
