@@ -9,6 +9,7 @@ import (
 	"os"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -60,6 +61,8 @@ type http1Client struct {
 	maxWait     time.Duration // no call joins one waiting longer than this
 
 	enqueued func() // tests: called (under locks) as a call joins a connection
+
+	shut atomic.Bool // close has begun: closed, readable under a connection's lock
 
 	mu     sync.Mutex
 	nodes  map[string]*http1Node
@@ -671,7 +674,11 @@ func (p *http1Client) finish(ctx context.Context, cc *http1ClientConn, call *htt
 	broken := cc.broken != nil
 	idle := !broken && !cc.reading && len(cc.queue) == 0 && len(cc.wq) == 0 && !cc.writing
 	if !broken && !cc.reading && len(cc.queue) == 0 && cc.spilling {
-		cc.c.SetWriteDeadline(time.Now().Add(http1OrphanWrite))
+		if p.shut.Load() { // Client.Close came first
+			cc.c.SetWriteDeadline(http1Past)
+		} else {
+			cc.c.SetWriteDeadline(time.Now().Add(http1OrphanWrite))
+		}
 	}
 	if broken {
 		cc.awaitSettledLocked(w)
@@ -927,6 +934,7 @@ func (p *http1Client) put(cc *http1ClientConn) {
 // close closes the idle connections; those in use close when they go idle,
 // and a spilled write whose calls all have their replies ends at once.
 func (p *http1Client) close() {
+	p.shut.Store(true)
 	p.mu.Lock()
 	p.closed = true
 	var idle []*http1ClientConn

@@ -69,10 +69,50 @@ func TestHTTP1PipelinedWritesDoNotBlockTheReading(t *testing.T) {
 // A server that answers a request before reading its body, then neither
 // reads nor closes, leaves the client's write of the body spilled in a
 // goroutine. Later calls do not queue behind it (they go on another
-// connection), and it ends: at Client.Close, or http1OrphanWrite after the
-// last reply, whichever comes first.
+// connection), and Client.Close ends it.
 func TestHTTP1SpilledWriteToAServerThatStoppedReading(t *testing.T) {
 	checkGoroutines(t)
+	c, cc, conns := testSpilledConn(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	got, err := callGate(ctx, c, "small") // deadline_exceeded if it queued behind the spilled write
+	assertNoError(t, err)
+	assertEqual(t, got, "ok")
+	<-conns // on a connection of its own
+	ended := testSpillEnded(cc)
+	assertNoError(t, c.Close())
+	select {
+	case <-ended:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the spilled write outlived Client.Close")
+	}
+}
+
+// Without Close, such a spilled write ends http1OrphanWrite after the last
+// reply, and its connection with it. (This test takes that second.)
+func TestHTTP1OrphanedSpillEnds(t *testing.T) {
+	checkGoroutines(t)
+	_, cc, _ := testSpilledConn(t)
+	select {
+	case <-testSpillEnded(cc):
+	case <-time.After(10 * time.Second):
+		t.Fatal("the orphaned spilled write did not end")
+	}
+	cc.mu.Lock()
+	broken := cc.broken
+	cc.mu.Unlock()
+	if broken == nil {
+		t.Fatal("the connection outlived its orphaned write")
+	}
+}
+
+// testSpilledConn makes a client whose one call got its reply while the
+// rest of its request is still being written, in a spill, to a server
+// that stopped reading; it returns the client, that connection, and a
+// channel told of each connection the server accepts (the first already
+// taken). The server lets go when the test ends.
+func testSpilledConn(t *testing.T) (*Client, *http1ClientConn, chan struct{}) {
+	t.Helper()
 	release := make(chan struct{})
 	conns := make(chan struct{}, 8)
 	small := net.ListenConfig{Control: func(_, _ string, rc syscall.RawConn) error {
@@ -119,14 +159,11 @@ func TestHTTP1SpilledWriteToAServerThatStoppedReading(t *testing.T) {
 	if !spilling {
 		t.Fatal("the body's write did not spill: the test proves nothing")
 	}
+	return c, cc, conns
+}
 
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	got, err = callGate(ctx, c, "small") // deadline_exceeded if it queued behind the spilled write
-	assertNoError(t, err)
-	assertEqual(t, got, "ok")
-	<-conns // on a connection of its own
-
+// testSpillEnded is closed once cc's spilled write has ended.
+func testSpillEnded(cc *http1ClientConn) chan struct{} {
 	ended := make(chan struct{})
 	go func() {
 		cc.mu.Lock()
@@ -136,10 +173,5 @@ func TestHTTP1SpilledWriteToAServerThatStoppedReading(t *testing.T) {
 		cc.mu.Unlock()
 		close(ended)
 	}()
-	assertNoError(t, c.Close())
-	select {
-	case <-ended:
-	case <-time.After(10 * time.Second):
-		t.Fatal("the spilled write outlived Client.Close and http1OrphanWrite")
-	}
+	return ended
 }
