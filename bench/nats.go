@@ -50,6 +50,12 @@ func (natsImpl) serve(l net.Listener) (io.Closer, error) {
 			Handler: micro.HandlerFunc(func(req micro.Request) { req.Respond(req.Data()) }),
 		},
 	})
+	if err == nil {
+		// The service's subscription is sent, not yet seen: a request made
+		// before the server reads it gets "no responders". A round trip
+		// (PING/PONG) means the server has it.
+		err = nc.Flush()
+	}
 	if err != nil {
 		nc.Close()
 		ns.Shutdown()
