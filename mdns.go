@@ -190,6 +190,7 @@ type mdnsIn struct {
 	src     netip.AddrPort
 	v6      bool
 	oneShot bool // came to a one-shot query socket
+	reader  int  // the socket's number: packets of one reader are in order
 }
 
 type mdnsOut struct {
@@ -277,13 +278,13 @@ func (r *MDNSRegistry) open() error {
 	r.mu.Lock()
 	r.conns, r.shots, r.ifaces, r.opened, r.ifRead = conns, shots, ifaces, true, time.Now()
 	r.mu.Unlock()
-	for _, c := range conns {
+	for i, c := range conns {
 		r.wg.Add(1)
-		go r.read(c, false)
+		go r.read(c, i, false)
 	}
-	for _, c := range shots {
+	for i, c := range shots {
 		r.wg.Add(1)
-		go r.read(c, true)
+		go r.read(c, len(conns)+i, true)
 	}
 	r.wg.Add(1)
 	go r.loop()
@@ -292,7 +293,7 @@ func (r *MDNSRegistry) open() error {
 
 // read passes packets to the loop; when the loop is behind, packets are
 // dropped (and counted) as the network itself would drop them.
-func (r *MDNSRegistry) read(c mdnsConn, oneShot bool) {
+func (r *MDNSRegistry) read(c mdnsConn, reader int, oneShot bool) {
 	defer r.wg.Done()
 	buf := make([]byte, 9000) // the largest mDNS packet (RFC 6762 §17)
 	for {
@@ -308,7 +309,7 @@ func (r *MDNSRegistry) read(c mdnsConn, oneShot bool) {
 			}
 			continue // a transient error (ICMP, buffer); keep reading
 		}
-		p := mdnsIn{buf: slices.Clone(buf[:n]), ifIndex: ifi, src: src, v6: c.v6(), oneShot: oneShot}
+		p := mdnsIn{buf: slices.Clone(buf[:n]), ifIndex: ifi, src: src, v6: c.v6(), oneShot: oneShot, reader: reader}
 		select {
 		case r.in <- p:
 		default:
@@ -586,8 +587,11 @@ func (r *MDNSRegistry) queryLocked(service string, now time.Time) {
 	q := dnsmessage.Question{Name: mdnsName(owner), Type: mdnsTypePTR, Class: dnsmessage.ClassINET}
 	var known []dnsmessage.Resource
 	for inst, s := range r.cache.srv {
+		if s.gone {
+			continue
+		}
 		if service != "" {
-			if t := r.cache.txt[inst]; t == nil {
+			if t := r.cache.txt[inst]; t == nil || t.gone {
 				continue
 			} else if name, _, _, _, _ := mdnsParseTXT(t.txt); name != service {
 				continue
@@ -704,7 +708,7 @@ func (r *MDNSRegistry) handleLocked(p mdnsIn, now time.Time) {
 		if !p.oneShot {
 			r.conflictsLocked(&m, now)
 		}
-		changed, heard := r.cache.absorb(&m, ifc.index, ifc.name, p.oneShot, now)
+		changed, heard := r.cache.absorb(&m, ifc.index, ifc.name, p.reader, p.oneShot, now)
 		if changed {
 			r.publishLocked()
 		}
@@ -1073,7 +1077,7 @@ func mdnsEntryKey(s *ServiceInfo, n *Node) string {
 func (r *MDNSRegistry) withdrawLocked(key string, e *mdnsEntry) {
 	r.goodbyeLocked(e)
 	delete(r.entries, key)
-	r.cache.forget(strings.ToLower(e.fqdn()))
+	r.cache.withdraw(strings.ToLower(e.fqdn()), time.Now())
 }
 
 func (e *mdnsEntry) sameAs(o *mdnsEntry) bool {

@@ -17,6 +17,22 @@ const (
 	mdnsMaxAddrs     = 16   // addresses per host
 )
 
+// Each socket (IPv4, IPv6, the one-shot ones) is read by a goroutine of its
+// own, so packets that came through different sockets can be handled in
+// another order than they were sent: a responder's announcement sent on
+// both families, then its goodbye sent on both, can be handled as
+// announcement v4, goodbye v4, announcement v6, goodbye v6. Without care,
+// the third packet brings the instance back for a moment. So for
+// mdnsReorder after an instance's SRV or TXT record changes (a new value,
+// or a goodbye), a packet carrying a value it had before is taken for a
+// late copy and ignored if it came through a socket that has not yet
+// delivered the current value. One socket delivers in order: once it has
+// delivered the current value, what follows from it is newer.
+const (
+	mdnsReorder = time.Second
+	mdnsMaxWas  = 4 // values replaced within mdnsReorder kept per record
+)
+
 // mdnsCache holds the records the browser has heard for _micro._tcp
 // instances, each until its TTL runs out (RFC 6762 §5.2, §10).
 type mdnsCache struct {
@@ -27,18 +43,39 @@ type mdnsCache struct {
 	next  time.Time                         // earliest expiry or refresh; zero if none
 }
 
+// mdnsValue is what an SRV or TXT record says of an instance.
+type mdnsValue struct {
+	target string // SRV target, lower case
+	port   uint16
+	txt    []string
+	gone   bool // a goodbye: no value
+}
+
+func (v *mdnsValue) equal(o *mdnsValue) bool {
+	return v.gone == o.gone && v.target == o.target && v.port == o.port && slices.Equal(v.txt, o.txt)
+}
+
+// mdnsWas is a value an SRV or TXT record had until a change.
+type mdnsWas struct {
+	mdnsValue
+	until time.Time // when a copy of it stops being taken for a late one
+}
+
 // mdnsCached is one cached record.
 type mdnsCached struct {
-	name     string // owner as received
-	target   string // SRV target, lower case
-	port     uint16
-	txt      []string
+	name string // owner as received
+	mdnsValue
 	ip       netip.Addr
 	ifIndex  int
 	ttl      uint32
 	received time.Time
 	expires  time.Time
 	refresh  int // refresh queries sent at 80, 85, 90, 95 % of the TTL
+
+	// SRV and TXT only, for the order across sockets (see mdnsReorder); a
+	// goodbye is kept as a record that is gone until mdnsReorder after it.
+	was  []mdnsWas // values replaced within mdnsReorder, oldest first
+	seen uint64    // the readers (a bit each) that delivered the value since it changed
 }
 
 func newMDNSCache() *mdnsCache {
@@ -59,13 +96,13 @@ func mdnsInstanceName(name string) bool {
 	return name[len(label)] == '.' && !strings.Contains(label, ".")
 }
 
-// absorb caches the records of a response that came in on ifIndex; names
-// and addresses are taken only for _micro._tcp instances and the hosts their
-// SRV records name. Answers to a one-shot query (TTLs capped at 10 s) never
-// shorten what a multicast announcement said. It reports whether anything
-// changed, and whether the response told of any instance at all (heard),
-// changed or not.
-func (c *mdnsCache) absorb(m *dnsmessage.Message, ifIndex int, ifName string, oneShot bool, now time.Time) (changed, heard bool) {
+// absorb caches the records of a response that came in on ifIndex through
+// reader (the socket's number); names and addresses are taken only for
+// _micro._tcp instances and the hosts their SRV records name. Answers to a
+// one-shot query (TTLs capped at 10 s) never shorten what a multicast
+// announcement said. It reports whether anything changed, and whether the
+// response told of any instance at all (heard), changed or not.
+func (c *mdnsCache) absorb(m *dnsmessage.Message, ifIndex int, ifName string, reader int, oneShot bool, now time.Time) (changed, heard bool) {
 	rrs := slices.Concat(m.Answers, m.Additionals)
 	for i := range rrs {
 		r := &rrs[i]
@@ -73,15 +110,15 @@ func (c *mdnsCache) absorb(m *dnsmessage.Message, ifIndex int, ifName string, on
 		switch b := r.Body.(type) {
 		case *dnsmessage.SRVResource:
 			heard = heard || mdnsInstanceName(name)
-			if mdnsInstanceName(name) && c.put(c.srv, name, r, oneShot, now, func(e *mdnsCached) {
-				e.target, e.port = strings.ToLower(b.Target.String()), b.Port
+			if mdnsInstanceName(name) && c.put(c.srv, name, r, reader, oneShot, now, func(v *mdnsValue) {
+				v.target, v.port = strings.ToLower(b.Target.String()), b.Port
 			}) {
 				changed = true
 			}
 		case *dnsmessage.TXTResource:
 			heard = heard || mdnsInstanceName(name)
-			if mdnsInstanceName(name) && c.put(c.txt, name, r, oneShot, now, func(e *mdnsCached) {
-				e.txt = slices.Clone(b.TXT)
+			if mdnsInstanceName(name) && c.put(c.txt, name, r, reader, oneShot, now, func(v *mdnsValue) {
+				v.txt = slices.Clone(b.TXT)
 			}) {
 				changed = true
 			}
@@ -90,7 +127,9 @@ func (c *mdnsCache) absorb(m *dnsmessage.Message, ifIndex int, ifName string, on
 	// Addresses second: only for hosts some cached SRV names.
 	hosts := make(map[string]bool)
 	for _, s := range c.srv {
-		hosts[s.target] = true
+		if !s.gone {
+			hosts[s.target] = true
+		}
 	}
 	for i := range rrs {
 		r := &rrs[i]
@@ -117,29 +156,72 @@ func (c *mdnsCache) absorb(m *dnsmessage.Message, ifIndex int, ifName string, on
 	return changed, heard
 }
 
-func (c *mdnsCache) put(m map[string]*mdnsCached, name string, r *dnsmessage.Resource, oneShot bool, now time.Time, set func(*mdnsCached)) bool {
-	old := m[name]
-	if r.Header.TTL == 0 { // a goodbye: forget it now
-		if old != nil {
-			delete(m, name)
-			return true
+// put caches an SRV or TXT record (set fills in its value) that came
+// through reader, and reports whether the instance's value changed. A
+// goodbye (TTL 0) takes the value away at once and leaves the record, gone,
+// for mdnsReorder.
+func (c *mdnsCache) put(m map[string]*mdnsCached, name string, r *dnsmessage.Resource, reader int, oneShot bool, now time.Time, set func(*mdnsValue)) bool {
+	bit := uint64(1) << (uint(reader) % 64)
+	v := mdnsValue{gone: r.Header.TTL == 0}
+	if !v.gone {
+		set(&v)
+	}
+	e := m[name]
+	if e == nil {
+		if v.gone {
+			return false
 		}
+		if len(m) >= mdnsMaxInstances {
+			c.drops++
+			return false
+		}
+		e = &mdnsCached{name: r.Header.Name.String(), mdnsValue: v, seen: bit}
+		e.renew(r.Header.TTL, now)
+		m[name] = e
+		c.schedule(e)
+		return true
+	}
+	e.was = slices.DeleteFunc(e.was, func(w mdnsWas) bool { return !now.Before(w.until) })
+	had := slices.ContainsFunc(e.was, func(w mdnsWas) bool { return w.equal(&v) })
+	if e.equal(&v) {
+		if !had { // a value it also had before says nothing of the order
+			e.seen |= bit
+		}
+		if v.gone || oneShot && e.expires.After(now.Add(time.Duration(r.Header.TTL)*time.Second)) {
+			return false
+		}
+		e.name = r.Header.Name.String()
+		e.renew(r.Header.TTL, now)
+		c.schedule(e)
 		return false
 	}
-	if old == nil && len(m) >= mdnsMaxInstances {
-		c.drops++
-		return false
+	if had && e.seen&bit == 0 {
+		return false // sent before the change, late through another socket
 	}
-	e := &mdnsCached{name: r.Header.Name.String(), ttl: r.Header.TTL, received: now,
-		expires: now.Add(time.Duration(r.Header.TTL) * time.Second)}
-	set(e)
-	same := old != nil && old.target == e.target && old.port == e.port && slices.Equal(old.txt, e.txt)
-	if same && oneShot && old.expires.After(e.expires) {
-		return false
-	}
-	m[name] = e
+	e.name = r.Header.Name.String()
+	e.change(v, bit, now)
+	e.renew(r.Header.TTL, now)
 	c.schedule(e)
-	return !same
+	return true
+}
+
+// change gives an SRV or TXT record a new value, delivered by the readers in
+// seen, and remembers the one it replaces.
+func (e *mdnsCached) change(v mdnsValue, seen uint64, now time.Time) {
+	if len(e.was) == mdnsMaxWas {
+		e.was = slices.Delete(e.was, 0, 1)
+	}
+	e.was = append(e.was, mdnsWas{e.mdnsValue, now.Add(mdnsReorder)})
+	e.mdnsValue, e.seen = v, seen
+}
+
+// renew starts a record's TTL again; a goodbye's runs for mdnsReorder.
+func (e *mdnsCached) renew(ttl uint32, now time.Time) {
+	e.ttl, e.received, e.refresh = ttl, now, 0
+	e.expires = now.Add(time.Duration(ttl) * time.Second)
+	if e.gone {
+		e.expires = now.Add(mdnsReorder)
+	}
 }
 
 func (c *mdnsCache) putAddr(host string, ip netip.Addr, ifIndex int, r *dnsmessage.Resource, oneShot bool, now time.Time) bool {
@@ -179,16 +261,29 @@ func (c *mdnsCache) putAddr(host string, ip netip.Addr, ifIndex int, r *dnsmessa
 	return changed
 }
 
-// forget drops an instance at once (our own, deregistered).
+// forget drops an instance at once (our own, renamed).
 func (c *mdnsCache) forget(instance string) {
 	delete(c.srv, instance)
 	delete(c.txt, instance)
 }
 
+// withdraw drops an instance (our own, deregistered) as a goodbye that no
+// socket has delivered yet would: our own announcements still on their way
+// back to us do not bring it back.
+func (c *mdnsCache) withdraw(instance string, now time.Time) {
+	for _, m := range []map[string]*mdnsCached{c.srv, c.txt} {
+		if e := m[instance]; e != nil && !e.gone {
+			e.change(mdnsValue{gone: true}, 0, now)
+			e.renew(0, now)
+			c.schedule(e)
+		}
+	}
+}
+
 // refreshAt is when the record's next refresh query is due: 80, 85, 90
 // and 95 % of its TTL (RFC 6762 §5.2), then its expiry.
 func (e *mdnsCached) refreshAt() time.Time {
-	if e.refresh >= 4 {
+	if e.gone || e.refresh >= 4 {
 		return e.expires
 	}
 	pct := 80 + 5*e.refresh
@@ -212,10 +307,10 @@ func (c *mdnsCache) sweep(now time.Time) (refresh []string, changed bool) {
 		for name, e := range m {
 			if !now.Before(e.expires) {
 				delete(m, name)
-				changed = true
+				changed = changed || !e.gone
 				continue
 			}
-			if !now.Before(e.refreshAt()) {
+			if !e.gone && !now.Before(e.refreshAt()) {
 				e.refresh++
 				if !slices.Contains(refresh, name) {
 					refresh = append(refresh, name)
@@ -247,7 +342,7 @@ func (c *mdnsCache) resolve() map[string]*ServiceInfo {
 	out := make(map[string]*ServiceInfo, len(c.srv))
 	for name, s := range c.srv {
 		t := c.txt[name]
-		if t == nil {
+		if s.gone || t == nil || t.gone {
 			continue
 		}
 		service, version, node, md, ok := mdnsParseTXT(t.txt)
