@@ -55,13 +55,18 @@ import (
 // over the node's [MaxMessageSize] gets [CodeResourceExhausted] in its
 // result.
 const (
-	brokerEndpoint       = "micro.Broker.Deliver"
-	brokerMetaKey        = "broker.topics"
-	brokerMetaValueMax   = 200
-	brokerSendersPerNode = 2 // requests in flight to one node: a handler that publishes to its own node needs the second
-	brokerBatchItems     = 512
-	brokerBatchBytes     = 256 << 10
-	brokerVersion        = 0x01
+	brokerEndpoint     = "micro.Broker.Deliver"
+	brokerMetaKey      = "broker.topics"
+	brokerMetaValueMax = 200
+	brokerSendersMax   = 16 // requests in flight to one node, at most (see enqueue)
+	brokerBatchItems   = 512
+	brokerBatchBytes   = 256 << 10
+	brokerVersion      = 0x01
+
+	// brokerStall is how long deliveries wait behind the requests in flight
+	// to their node, with none of those coming back, before another request
+	// (up to brokerSendersMax) is sent beside them.
+	brokerStall = 2 * time.Millisecond
 )
 
 // brokerHTTP is the HTTP broker of one service: it receives deliveries on
@@ -193,6 +198,11 @@ type brokerNodeQueue struct {
 	opt     CallOption // to it, no retries
 	items   []*brokerItem
 	senders int
+
+	taken      uint64      // batches taken off the queue, ever
+	stall      *time.Timer // runs b.unstall; nil until first needed
+	stallArmed bool
+	stallTaken uint64 // taken when the timer was armed
 }
 
 // brokerAttempt is the state of one target during a publish.
@@ -384,10 +394,19 @@ func (b *brokerHTTP) ejected(addr string) bool {
 
 var brokerClosedError = &Error{Code: CodeCanceled, Message: "micro: broker closed", cause: ErrClosed}
 
-// enqueue queues an item for a node and starts a sender for it if fewer
-// than brokerSendersPerNode run. With inline (the publish has this one
-// delivery in flight), a node with no sender is sent to from the caller's
-// goroutine, saving two goroutine hand-offs.
+// enqueue queues an item for a node and starts a sender for it if none
+// runs. With inline (the publish has this one delivery in flight), a node
+// with no sender is sent to from the caller's goroutine, saving two
+// goroutine hand-offs.
+//
+// One request in flight to a node lets deliveries that queue meanwhile
+// leave together in the next, in the biggest batches. But a request can be
+// held: by a slow handler, or by a handler that publishes to its own node
+// and waits, whose nested delivery queues behind the request waiting for
+// it. So when deliveries wait and no request has come back for
+// brokerStall, another sender starts beside the first, and so on up to
+// brokerSendersMax: a chain of nested publishes to one node deeper than
+// that waits until its deadline.
 func (b *brokerHTTP) enqueue(addr string, it *brokerItem, inline bool) {
 	b.mu.Lock()
 	if b.closed {
@@ -402,11 +421,13 @@ func (b *brokerHTTP) enqueue(addr string, it *brokerItem, inline bool) {
 		b.nodes[addr] = q
 	}
 	q.items = append(q.items, it)
-	start := q.senders < brokerSendersPerNode
-	inline = inline && q.senders == 0
+	start := q.senders == 0
+	inline = inline && start
 	if start {
 		q.senders++
 		b.wg.Add(1)
+	} else if !q.stallArmed {
+		b.armStallLocked(q)
 	}
 	b.mu.Unlock()
 	switch {
@@ -414,6 +435,44 @@ func (b *brokerHTTP) enqueue(addr string, it *brokerItem, inline bool) {
 		b.sender(q, true)
 	case start:
 		go b.sender(q, false)
+	}
+}
+
+func (b *brokerHTTP) armStallLocked(q *brokerNodeQueue) {
+	q.stallArmed, q.stallTaken = true, q.taken
+	if q.stall == nil {
+		q.stall = time.AfterFunc(brokerStall, func() { b.unstall(q) })
+	} else {
+		q.stall.Reset(brokerStall)
+	}
+}
+
+// unstall starts another sender for a node whose deliveries have waited
+// brokerStall with no batch taken off its queue, and watches again while
+// deliveries wait.
+func (b *brokerHTTP) unstall(q *brokerNodeQueue) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	q.stallArmed = false
+	if b.closed || len(q.items) == 0 || b.nodes[q.addr] != q {
+		return
+	}
+	if q.taken == q.stallTaken && q.senders < brokerSendersMax {
+		q.senders++
+		b.wg.Add(1)
+		go b.sender(q, false)
+	}
+	b.armStallLocked(q)
+}
+
+// dropLocked forgets a node's queue once no sender runs and nothing waits.
+func (b *brokerHTTP) dropLocked(q *brokerNodeQueue) {
+	if q.senders == 0 && len(q.items) == 0 && b.nodes[q.addr] == q {
+		delete(b.nodes, q.addr)
+		if q.stall != nil {
+			q.stall.Stop()
+			q.stallArmed = false
+		}
 	}
 }
 
@@ -432,9 +491,7 @@ func (b *brokerHTTP) sender(q *brokerNodeQueue, inline bool) {
 				go b.sender(q, false)
 			} else {
 				q.senders--
-				if q.senders == 0 && b.nodes[q.addr] == q {
-					delete(b.nodes, q.addr)
-				}
+				b.dropLocked(q)
 			}
 			b.mu.Unlock()
 			return
@@ -454,12 +511,11 @@ func (b *brokerHTTP) sender(q *brokerNodeQueue, inline bool) {
 		}
 		if len(batch) == 0 {
 			q.senders--
-			if q.senders == 0 && len(q.items) == 0 && b.nodes[q.addr] == q {
-				delete(b.nodes, q.addr)
-			}
+			b.dropLocked(q)
 			b.mu.Unlock()
 			return
 		}
+		q.taken++
 		b.mu.Unlock()
 		buf = b.sendBatch(q, batch, buf[:0])
 	}
@@ -533,6 +589,9 @@ func (b *brokerHTTP) Close() error {
 	for _, q := range b.nodes {
 		queued = append(queued, q.items...)
 		q.items = nil
+		if q.stall != nil {
+			q.stall.Stop()
+		}
 	}
 	b.mu.Unlock()
 	had := len(b.table.entries()) > 0

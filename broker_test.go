@@ -929,3 +929,40 @@ func TestBrokerHandlerPublishesToItsOwnNode(t *testing.T) {
 	assertEqual(t, delivered, 1)
 	assertEqual(t, rec.count(), 1)
 }
+
+// TestBrokerNestedPublishesToItsOwnNode runs chains of handlers on one node,
+// each publishing to the next topic and waiting for its delivery: every
+// level holds a request to the node while the next one's delivery queues
+// behind it, so each needs another request in flight (started once the
+// queue has stalled).
+func TestBrokerNestedPublishesToItsOwnNode(t *testing.T) {
+	checkGoroutines(t)
+	reg := newBrokerTestRegistry(t)
+	svc := newTestService(t, "chain", nil, WithRegistry(reg))
+	const depth, chains = 5, 3
+	rec := &brokerRecorder{name: "last"}
+	_, err := RegisterSubscriber(fmt.Sprintf("chain.%d", depth), svc.Server(), rec.raw)
+	assertNoError(t, err)
+	for level := range depth {
+		next := fmt.Sprintf("chain.%d", level+1)
+		_, err := RegisterSubscriber(fmt.Sprintf("chain.%d", level), svc.Server(), func(ctx context.Context, msg *Message) error {
+			var delivered int
+			err := svc.Client().Publish(ctx, next, msg, Delivered(&delivered))
+			if err == nil && delivered != 1 {
+				err = fmt.Errorf("publish to %s delivered to %d", next, delivered)
+			}
+			return err
+		})
+		assertNoError(t, err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	errs := make(chan error, chains)
+	for i := range chains {
+		go func() { errs <- svc.Client().Publish(ctx, "chain.0", &Message{Body: []byte{byte(i)}}) }()
+	}
+	for range chains {
+		assertNoError(t, <-errs)
+	}
+	assertEqual(t, rec.count(), chains)
+}
