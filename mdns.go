@@ -708,7 +708,8 @@ func (r *MDNSRegistry) handleLocked(p mdnsIn, now time.Time) {
 		if !p.oneShot {
 			r.conflictsLocked(&m, now)
 		}
-		changed, heard := r.cache.absorb(&m, ifc.index, ifc.name, p.reader, p.oneShot, now)
+		from := r.cache.source(p.reader, ifc.index, p.src.Addr())
+		changed, heard := r.cache.absorb(&m, ifc.index, ifc.name, from, p.oneShot, now)
 		if changed {
 			r.publishLocked()
 		}
@@ -933,7 +934,8 @@ func (r *MDNSRegistry) tieBreakLocked(m *dnsmessage.Message, now time.Time) {
 // or announced under it.
 func (r *MDNSRegistry) renameLocked(e *mdnsEntry, now time.Time) {
 	r.stats.Conflicts++
-	r.cache.forget(strings.ToLower(e.fqdn()))
+	r.cache.disown(e.instanceRRs(), now)
+	r.retractLocked(e)
 	e.rename()
 	r.startLocked(e, now)
 	r.publishLocked()
@@ -981,6 +983,7 @@ func (r *MDNSRegistry) Register(ctx context.Context, s *ServiceInfo, ttl time.Du
 			continue
 		}
 		if old != nil { // changed: keep its name, announce the new records
+			r.retractLocked(old)
 			e.label, e.host, e.renames = old.label, old.host, old.renames
 			if old.probes == 0 {
 				e.past = old.past
@@ -1076,8 +1079,35 @@ func mdnsEntryKey(s *ServiceInfo, n *Node) string {
 // copy of it in the cache, at once.
 func (r *MDNSRegistry) withdrawLocked(key string, e *mdnsEntry) {
 	r.goodbyeLocked(e)
+	r.retractLocked(e)
 	delete(r.entries, key)
-	r.cache.withdraw(strings.ToLower(e.fqdn()), time.Now())
+	r.cache.disown(e.instanceRRs(), time.Now())
+}
+
+// retractLocked takes an entry's records out of the delayed answers not yet
+// sent: sent after its goodbye, or after the announcement of what replaces
+// it, they would undo it in every cache that hears them.
+func (r *MDNSRegistry) retractLocked(e *mdnsEntry) {
+	for k, pd := range r.pending {
+		ifc := r.ifaces[k.ifIndex]
+		if ifc == nil {
+			continue
+		}
+		old := make(map[string]bool)
+		for _, rr := range e.records(ifc, 0) {
+			old[mdnsKey(&rr)] = true
+		}
+		for _, o := range r.entries { // records it shares with others stay (a host's address)
+			if o != e {
+				for _, rr := range o.records(ifc, 0) {
+					delete(old, mdnsKey(&rr))
+				}
+			}
+		}
+		drop := func(rr dnsmessage.Resource) bool { return old[mdnsKey(&rr)] }
+		pd.ans = slices.DeleteFunc(pd.ans, drop)
+		pd.extra = slices.DeleteFunc(pd.extra, drop)
+	}
 }
 
 func (e *mdnsEntry) sameAs(o *mdnsEntry) bool {

@@ -1,6 +1,7 @@
 package micro
 
 import (
+	"hash/fnv"
 	"net"
 	"net/netip"
 	"slices"
@@ -40,7 +41,18 @@ type mdnsCache struct {
 	txt   map[string]*mdnsCached            // by instance name, lower case
 	addr  map[string]map[string]*mdnsCached // by host name, then address and interface
 	drops int                               // records ignored at the bounds
-	next  time.Time                         // earliest expiry or refresh; zero if none
+	next  time.Time                         // earliest expiry, refresh or end of a reorder window; zero if none
+
+	sources map[mdnsSource]int // a bit number for each way packets come (see source)
+}
+
+// mdnsSource is one way packets come in: through one socket, on one
+// interface, from one address. Packets that come one way come in the order
+// they were sent.
+type mdnsSource struct {
+	reader  int
+	ifIndex int
+	addr    netip.Addr
 }
 
 // mdnsValue is what an SRV or TXT record says of an instance.
@@ -100,26 +112,17 @@ func mdnsInstanceName(name string) bool {
 // reader (the socket's number); names and addresses are taken only for
 // _micro._tcp instances and the hosts their SRV records name. Answers to a
 // one-shot query (TTLs capped at 10 s) never shorten what a multicast
-// announcement said. It reports whether anything changed, and whether the
-// response told of any instance at all (heard), changed or not.
-func (c *mdnsCache) absorb(m *dnsmessage.Message, ifIndex int, ifName string, reader int, oneShot bool, now time.Time) (changed, heard bool) {
+// announcement said. from is the source's bit (see source). It reports
+// whether anything changed, and whether the response told of any instance
+// at all (heard), changed or not.
+func (c *mdnsCache) absorb(m *dnsmessage.Message, ifIndex int, ifName string, from uint64, oneShot bool, now time.Time) (changed, heard bool) {
 	rrs := slices.Concat(m.Answers, m.Additionals)
 	for i := range rrs {
 		r := &rrs[i]
 		name := strings.ToLower(r.Header.Name.String())
-		switch b := r.Body.(type) {
-		case *dnsmessage.SRVResource:
-			heard = heard || mdnsInstanceName(name)
-			if mdnsInstanceName(name) && c.put(c.srv, name, r, reader, oneShot, now, func(v *mdnsValue) {
-				v.target, v.port = strings.ToLower(b.Target.String()), b.Port
-			}) {
-				changed = true
-			}
-		case *dnsmessage.TXTResource:
-			heard = heard || mdnsInstanceName(name)
-			if mdnsInstanceName(name) && c.put(c.txt, name, r, reader, oneShot, now, func(v *mdnsValue) {
-				v.txt = slices.Clone(b.TXT)
-			}) {
+		if set, v, ok := c.valueOf(r); ok && mdnsInstanceName(name) {
+			heard = true
+			if c.put(set, name, r, v, from, oneShot, now) {
 				changed = true
 			}
 		}
@@ -156,15 +159,47 @@ func (c *mdnsCache) absorb(m *dnsmessage.Message, ifIndex int, ifName string, re
 	return changed, heard
 }
 
-// put caches an SRV or TXT record (set fills in its value) that came
-// through reader, and reports whether the instance's value changed. A
+// source returns the bit of a way packets come in, for mdnsCached.seen:
+// one each for the first 64, then shared (which only makes the order of
+// those that share one less certain).
+func (c *mdnsCache) source(reader, ifIndex int, addr netip.Addr) uint64 {
+	k := mdnsSource{reader, ifIndex, addr.WithZone("")}
+	n, ok := c.sources[k]
+	if !ok {
+		if c.sources == nil {
+			c.sources = make(map[mdnsSource]int)
+		}
+		n = len(c.sources)
+		if n >= 64 {
+			h := fnv.New32a()
+			h.Write(addr.AsSlice())
+			n = int((h.Sum32() + uint32(reader) + uint32(ifIndex)) % 64)
+		} else {
+			c.sources[k] = n
+		}
+	}
+	return 1 << n
+}
+
+// valueOf returns the map an SRV or TXT record goes in and its value; ok
+// is false for any other type.
+func (c *mdnsCache) valueOf(r *dnsmessage.Resource) (set map[string]*mdnsCached, v mdnsValue, ok bool) {
+	switch b := r.Body.(type) {
+	case *dnsmessage.SRVResource:
+		return c.srv, mdnsValue{target: strings.ToLower(b.Target.String()), port: b.Port}, true
+	case *dnsmessage.TXTResource:
+		return c.txt, mdnsValue{txt: slices.Clone(b.TXT)}, true
+	}
+	return nil, v, false
+}
+
+// put caches an SRV or TXT record r of value v that came from the source
+// whose bit is from, and reports whether the instance's value changed. A
 // goodbye (TTL 0) takes the value away at once and leaves the record, gone,
 // for mdnsReorder.
-func (c *mdnsCache) put(m map[string]*mdnsCached, name string, r *dnsmessage.Resource, reader int, oneShot bool, now time.Time, set func(*mdnsValue)) bool {
-	bit := uint64(1) << (uint(reader) % 64)
-	v := mdnsValue{gone: r.Header.TTL == 0}
-	if !v.gone {
-		set(&v)
+func (c *mdnsCache) put(m map[string]*mdnsCached, name string, r *dnsmessage.Resource, v mdnsValue, from uint64, oneShot bool, now time.Time) bool {
+	if r.Header.TTL == 0 {
+		v = mdnsValue{gone: true}
 	}
 	e := m[name]
 	if e == nil {
@@ -175,7 +210,7 @@ func (c *mdnsCache) put(m map[string]*mdnsCached, name string, r *dnsmessage.Res
 			c.drops++
 			return false
 		}
-		e = &mdnsCached{name: r.Header.Name.String(), mdnsValue: v, seen: bit}
+		e = &mdnsCached{name: r.Header.Name.String(), mdnsValue: v, seen: from}
 		e.renew(r.Header.TTL, now)
 		m[name] = e
 		c.schedule(e)
@@ -185,7 +220,7 @@ func (c *mdnsCache) put(m map[string]*mdnsCached, name string, r *dnsmessage.Res
 	had := slices.ContainsFunc(e.was, func(w mdnsWas) bool { return w.equal(&v) })
 	if e.equal(&v) {
 		if !had { // a value it also had before says nothing of the order
-			e.seen |= bit
+			e.seen |= from
 		}
 		if v.gone || oneShot && e.expires.After(now.Add(time.Duration(r.Header.TTL)*time.Second)) {
 			return false
@@ -195,24 +230,61 @@ func (c *mdnsCache) put(m map[string]*mdnsCached, name string, r *dnsmessage.Res
 		c.schedule(e)
 		return false
 	}
-	if had && e.seen&bit == 0 {
-		return false // sent before the change, late through another socket
+	if had && e.seen&from == 0 {
+		return false // sent before the change, late through another way in
 	}
 	e.name = r.Header.Name.String()
-	e.change(v, bit, now)
+	e.change(v, from, now)
 	e.renew(r.Header.TTL, now)
 	c.schedule(e)
 	return true
 }
 
+// disown takes back the SRV and TXT records this host announced for an
+// instance it deregisters or renames: a cached value equal to one of them
+// goes, and copies of them still on their way back to us are ignored for
+// mdnsReorder. A value another host gave the name stays.
+func (c *mdnsCache) disown(rrs []dnsmessage.Resource, now time.Time) {
+	for i := range rrs {
+		r := &rrs[i]
+		name := strings.ToLower(r.Header.Name.String())
+		m, v, ok := c.valueOf(r)
+		if !ok || !mdnsInstanceName(name) {
+			continue
+		}
+		e := m[name]
+		switch {
+		case e == nil && len(m) >= mdnsMaxInstances:
+			continue
+		case e == nil:
+			e = &mdnsCached{name: r.Header.Name.String(), mdnsValue: v}
+			e.change(mdnsValue{gone: true}, 0, now)
+			m[name] = e
+		case e.equal(&v):
+			e.change(mdnsValue{gone: true}, 0, now)
+		default:
+			e.remember(v, now)
+			c.schedule(e)
+			continue
+		}
+		e.renew(0, now)
+		c.schedule(e)
+	}
+}
+
 // change gives an SRV or TXT record a new value, delivered by the readers in
 // seen, and remembers the one it replaces.
 func (e *mdnsCached) change(v mdnsValue, seen uint64, now time.Time) {
+	e.remember(e.mdnsValue, now)
+	e.mdnsValue, e.seen = v, seen
+}
+
+// remember keeps a value the record no longer has for mdnsReorder.
+func (e *mdnsCached) remember(v mdnsValue, now time.Time) {
 	if len(e.was) == mdnsMaxWas {
 		e.was = slices.Delete(e.was, 0, 1)
 	}
-	e.was = append(e.was, mdnsWas{e.mdnsValue, now.Add(mdnsReorder)})
-	e.mdnsValue, e.seen = v, seen
+	e.was = append(e.was, mdnsWas{v, now.Add(mdnsReorder)})
 }
 
 // renew starts a record's TTL again; a goodbye's runs for mdnsReorder.
@@ -261,25 +333,6 @@ func (c *mdnsCache) putAddr(host string, ip netip.Addr, ifIndex int, r *dnsmessa
 	return changed
 }
 
-// forget drops an instance at once (our own, renamed).
-func (c *mdnsCache) forget(instance string) {
-	delete(c.srv, instance)
-	delete(c.txt, instance)
-}
-
-// withdraw drops an instance (our own, deregistered) as a goodbye that no
-// socket has delivered yet would: our own announcements still on their way
-// back to us do not bring it back.
-func (c *mdnsCache) withdraw(instance string, now time.Time) {
-	for _, m := range []map[string]*mdnsCached{c.srv, c.txt} {
-		if e := m[instance]; e != nil && !e.gone {
-			e.change(mdnsValue{gone: true}, 0, now)
-			e.renew(0, now)
-			c.schedule(e)
-		}
-	}
-}
-
 // refreshAt is when the record's next refresh query is due: 80, 85, 90
 // and 95 % of its TTL (RFC 6762 §5.2), then its expiry.
 func (e *mdnsCached) refreshAt() time.Time {
@@ -291,9 +344,20 @@ func (e *mdnsCached) refreshAt() time.Time {
 }
 
 func (c *mdnsCache) schedule(e *mdnsCached) {
-	if t := e.refreshAt(); c.next.IsZero() || t.Before(c.next) {
+	t := e.refreshAt()
+	if len(e.was) > 0 { // the values it no longer has are let go in time
+		t = minTime(t, e.was[0].until)
+	}
+	if c.next.IsZero() || t.Before(c.next) {
 		c.next = t
 	}
+}
+
+func minTime(a, b time.Time) time.Time {
+	if b.Before(a) {
+		return b
+	}
+	return a
 }
 
 // sweep drops expired records and returns the instances whose records are
@@ -310,6 +374,7 @@ func (c *mdnsCache) sweep(now time.Time) (refresh []string, changed bool) {
 				changed = changed || !e.gone
 				continue
 			}
+			e.was = slices.DeleteFunc(e.was, func(w mdnsWas) bool { return !now.Before(w.until) })
 			if !e.gone && !now.Before(e.refreshAt()) {
 				e.refresh++
 				if !slices.Contains(refresh, name) {

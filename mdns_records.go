@@ -271,6 +271,12 @@ func (e *mdnsEntry) txtRR(ttl uint32, flush bool) dnsmessage.Resource {
 	return mdnsRes(e.fqdn(), mdnsClass(flush), ttl, &dnsmessage.TXTResource{TXT: e.txt})
 }
 
+// instanceRRs returns the entry's SRV and TXT records, which say what the
+// instance is.
+func (e *mdnsEntry) instanceRRs() []dnsmessage.Resource {
+	return []dnsmessage.Resource{e.srvRR(120, false), e.txtRR(120, false)}
+}
+
 func (e *mdnsEntry) ptrRRs(ttl uint32) []dnsmessage.Resource {
 	return []dnsmessage.Resource{
 		mdnsRes(mdnsServiceType, dnsmessage.ClassINET, ttl, &dnsmessage.PTRResource{PTR: mdnsName(e.fqdn())}),

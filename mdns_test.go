@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -572,26 +573,31 @@ func TestMDNSListReturnsOnceAnswered(t *testing.T) {
 // away; a socket that has delivered the change is in order from then on.
 func TestMDNSCacheOrderAcrossSockets(t *testing.T) {
 	ifc := &mdnsIface{index: 1, name: "test0", v4: true, v6: true}
-	entry := func(color string) *mdnsEntry {
-		info := testNode("order", "order-1", "api.example.com:443", map[string]string{"color": color})
+	entry := func(color, addr string) *mdnsEntry {
+		info := testNode("order", "order-1", addr, map[string]string{"color": color})
 		e, err := mdnsNewEntry(info, info.Nodes[0], time.Minute, time.Now())
 		if err != nil {
 			t.Fatal(err)
 		}
 		return e
 	}
-	red, blue := entry("red"), entry("blue")
+	red, blue := entry("red", "api.example.com:443"), entry("blue", "api.example.com:443")
+	ours, theirs := entry("ours", "api.example.com:443"), entry("theirs", "api.example.com:444")
 	instance := strings.ToLower(red.fqdn())
 	type step struct {
-		e      *mdnsEntry // nil: the instance is withdrawn by its own registry
-		ttl    uint32     // 0: a goodbye
+		e      *mdnsEntry
+		ttl    uint32 // 0: a goodbye
 		reader int
 		after  time.Duration // since the start
 		want   string        // the color seen after the step; "" for none
+		disown bool          // e is our own, deregistered or renamed
 	}
-	A, B, G := func(r int, want string) step { return step{red, 60, r, 0, want} },
-		func(r int, want string) step { return step{blue, 60, r, 0, want} },
-		func(r int, want string) step { return step{red, 0, r, 0, want} }
+	A, B, G := func(r int, want string) step { return step{red, 60, r, 0, want, false} },
+		func(r int, want string) step { return step{blue, 60, r, 0, want, false} },
+		func(r int, want string) step { return step{red, 0, r, 0, want, false} }
+	O, T := func(r int, want string) step { return step{ours, 60, r, 0, want, false} },
+		func(r int, want string) step { return step{theirs, 60, r, 0, want, false} }
+	disown := func(e *mdnsEntry, want string) step { return step{e, 0, 0, 0, want, true} }
 	later := func(s step) step { s.after = mdnsReorder + time.Millisecond; return s }
 	for _, tc := range []struct {
 		name  string
@@ -605,18 +611,21 @@ func TestMDNSCacheOrderAcrossSockets(t *testing.T) {
 		{"a copy after the window is news", []step{A(0, "red"), G(0, ""), later(A(1, "red"))}},
 		{"a new value after a goodbye, then late copies", []step{A(0, "red"), A(1, "red"), G(0, ""), B(0, "blue"), A(1, "blue"), G(1, "blue"), B(1, "blue"), A(1, "red")}},
 		{"a late goodbye of the instance before", []step{A(0, "red"), G(0, ""), A(0, "red"), G(1, "red"), G(0, "")}},
-		{"withdrawn by its own registry", []step{A(0, "red"), {nil, 0, 0, 0, ""}, A(0, ""), A(1, ""), later(A(1, "red"))}},
+		{"withdrawn by its own registry", []step{A(0, "red"), disown(red, ""), A(0, ""), A(1, ""), later(A(1, "red"))}},
+		{"renamed after another host's claim", []step{O(0, "ours"), T(0, "theirs"), disown(ours, "theirs"), O(1, "theirs"), T(0, "theirs"), T(1, "theirs")}},
+		{"renamed before another host's claim is heard", []step{O(0, "ours"), disown(ours, ""), T(0, "theirs"), O(1, "theirs"), T(1, "theirs")}},
+		{"a late copy from another address on the socket", []step{A(0, "red"), A(3, "red"), G(0, ""), A(3, ""), G(3, "")}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := newMDNSCache()
 			start := time.Now()
 			for i, s := range tc.steps {
 				now := start.Add(s.after)
-				if s.e == nil {
-					c.withdraw(instance, now)
+				if s.disown {
+					c.disown(s.e.instanceRRs(), now)
 				} else {
 					m := &dnsmessage.Message{Header: dnsmessage.Header{Response: true}, Answers: s.e.records(ifc, s.ttl)}
-					c.absorb(m, ifc.index, ifc.name, s.reader, s.reader == 2, now)
+					c.absorb(m, ifc.index, ifc.name, 1<<s.reader, s.reader == 2, now)
 				}
 				c.sweep(now)
 				got := ""
@@ -633,12 +642,115 @@ func TestMDNSCacheOrderAcrossSockets(t *testing.T) {
 	// change to the view.
 	c := newMDNSCache()
 	now := time.Now()
-	c.absorb(&dnsmessage.Message{Answers: red.records(ifc, 60)}, 1, "test0", 0, false, now)
-	c.absorb(&dnsmessage.Message{Answers: red.records(ifc, 0)}, 1, "test0", 0, false, now)
+	c.absorb(&dnsmessage.Message{Answers: red.records(ifc, 60)}, 1, "test0", 1, false, now)
+	c.absorb(&dnsmessage.Message{Answers: red.records(ifc, 0)}, 1, "test0", 1, false, now)
 	if len(c.srv) != 1 || len(c.txt) != 1 {
 		t.Fatalf("no mark kept after a goodbye: %d SRV, %d TXT", len(c.srv), len(c.txt))
 	}
 	if _, changed := c.sweep(now.Add(mdnsReorder)); changed || len(c.srv) != 0 || len(c.txt) != 0 {
 		t.Fatalf("after the window: changed %v, %d SRV, %d TXT", changed, len(c.srv), len(c.txt))
+	}
+	// The values a live record no longer has go too, when their time is up.
+	c.absorb(&dnsmessage.Message{Answers: red.records(ifc, 60)}, 1, "test0", 1, false, now)
+	c.absorb(&dnsmessage.Message{Answers: blue.records(ifc, 60)}, 1, "test0", 1, false, now)
+	if w := len(c.txt[instance].was); w != 1 {
+		t.Fatalf("%d values kept after a change, want 1", w)
+	}
+	if !c.next.After(now) || c.next.After(now.Add(mdnsReorder)) {
+		t.Fatalf("next sweep at %v, want within %v", c.next.Sub(now), mdnsReorder)
+	}
+	c.sweep(now.Add(mdnsReorder))
+	if w := len(c.txt[instance].was); w != 0 {
+		t.Fatalf("%d values kept after the window, want 0", w)
+	}
+}
+
+// TestMDNSOrderPerInterfaceAndAddress: one socket hears a responder on two
+// interfaces (or from two addresses), whose copies are not in order with
+// each other; a late copy through the other one must not undo a goodbye.
+func TestMDNSOrderPerInterfaceAndAddress(t *testing.T) {
+	r := testMDNSOffline(t)
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.ifaces[2] = &mdnsIface{index: 2, name: "test1", v4: true, addrs: []netip.Addr{netip.MustParseAddr("10.0.0.1")}}
+	info := testNode("far", "far-1", "api.example.com:443", nil)
+	e, err := mdnsNewEntry(info, info.Nodes[0], time.Minute, time.Now())
+	assertNoError(t, err)
+	pack := func(ttl uint32) []byte {
+		b := mdnsPack(dnsmessage.Header{Response: true, Authoritative: true}, nil, e.records(r.ifaces[1], ttl), nil)
+		assertEqual(t, len(b), 1)
+		return b[0]
+	}
+	announce, goodbye := pack(60), pack(0)
+	a1 := netip.MustParseAddrPort("192.168.1.5:5353")
+	a2 := netip.MustParseAddrPort("192.168.1.6:5353")
+	instance := strings.ToLower(e.fqdn())
+	now := time.Now()
+	for i, p := range []struct {
+		buf     []byte
+		ifIndex int
+		src     netip.AddrPort
+		want    bool
+		later   bool // after the first goodbye's window
+	}{
+		{announce, 1, a1, true, false}, {announce, 2, a1, true, false}, {goodbye, 1, a1, false, false},
+		{announce, 2, a1, false, false}, // late, through the other interface
+		{goodbye, 2, a1, false, false},
+		{announce, 1, a2, true, true}, {announce, 1, a1, true, true}, {goodbye, 1, a2, false, true},
+		{announce, 1, a1, false, true}, // late, from the other address
+	} {
+		at := now
+		if p.later {
+			at = now.Add(2 * mdnsReorder)
+		}
+		r.handleLocked(mdnsIn{buf: p.buf, ifIndex: p.ifIndex, src: p.src}, at)
+		if _, got := r.cache.resolve()[instance]; got != p.want {
+			t.Fatalf("packet %d: instance known %v, want %v", i, got, p.want)
+		}
+	}
+}
+
+// TestMDNSWithdrawRetractsDelayedAnswers: an answer parked for its random
+// delay (RFC 6762 §6) when the entry is withdrawn must not go out after the
+// goodbye with the old records and their full TTL.
+func TestMDNSWithdrawRetractsDelayedAnswers(t *testing.T) {
+	r := testMDNSOffline(t)
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	now := time.Now()
+	q := mdnsPack(dnsmessage.Header{}, []dnsmessage.Question{{Name: mdnsName(mdnsSubtype("greeter")), Type: mdnsTypePTR, Class: dnsmessage.ClassINET}}, nil, nil)
+	r.handleLocked(mdnsIn{buf: q[0], ifIndex: 1, src: netip.MustParseAddrPort("127.0.0.1:5353")}, now)
+	if len(r.pending) == 0 {
+		t.Fatal("the query parked no answer")
+	}
+	var key string
+	var gone *mdnsEntry
+	for k, e := range r.entries {
+		if e.base == "greeter-1" {
+			key, gone = k, e
+		}
+	}
+	r.withdrawLocked(key, gone)
+	r.tickLocked(now.Add(2 * time.Second))
+	byeSent, greeter2 := false, false
+	for _, o := range r.out {
+		var m dnsmessage.Message
+		assertNoError(t, m.Unpack(o.msg))
+		for _, rr := range slices.Concat(m.Answers, m.Additionals) {
+			if _, ok := rr.Body.(*dnsmessage.SRVResource); !ok {
+				continue
+			}
+			switch name := rr.Header.Name.String(); {
+			case name == gone.fqdn() && rr.Header.TTL == 0:
+				byeSent = true
+			case name == gone.fqdn():
+				t.Fatalf("%s sent with TTL %d after its goodbye", name, rr.Header.TTL)
+			case strings.HasPrefix(name, "greeter-2"):
+				greeter2 = true
+			}
+		}
+	}
+	if !byeSent || !greeter2 {
+		t.Fatalf("goodbye sent %v, the other node's answer sent %v", byeSent, greeter2)
 	}
 }
