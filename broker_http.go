@@ -33,9 +33,12 @@ import (
 // process waits for that listing: one round trip and the settle time
 // ([MDNSListSettle]), or the lookup wait if nothing on the link answers.
 //
-// Deliveries to one node that queue up while two requests to it are in
-// flight are gathered into one request (up to 512 messages or 256 KiB),
-// and each message is acknowledged on its own in the reply.
+// Deliveries to one node that queue up while a request to it is in flight
+// are gathered into the next request (up to 512 messages or 256 KiB), and
+// each message is acknowledged on its own in the reply. When deliveries
+// have waited 2 ms and no request in flight to the node has come back (a
+// slow handler, or a handler publishing to its own node and waiting),
+// another request is sent beside them, up to 16.
 //
 // The envelope of a request (content type application/octet-stream; str is
 // a uvarint length and the bytes):

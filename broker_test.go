@@ -903,9 +903,9 @@ func TestBrokerPublishWhileTheWatchHangs(t *testing.T) {
 
 // TestBrokerHandlerPublishesToItsOwnNode: a handler that publishes, and
 // waits for, a message to a topic its own node subscribes to gets it
-// delivered while its own delivery is still in flight to that node. With
-// one request in flight per node, the nested delivery queued behind the
-// one waiting for it, until the deadline.
+// delivered while its own delivery is still in flight to that node: the
+// nested delivery queues behind the request waiting for it until another
+// request is started beside it (see TestBrokerNestedPublishesToItsOwnNode).
 func TestBrokerHandlerPublishesToItsOwnNode(t *testing.T) {
 	checkGoroutines(t)
 	reg := newBrokerTestRegistry(t)
