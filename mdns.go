@@ -937,13 +937,13 @@ func (r *MDNSRegistry) renameLocked(e *mdnsEntry, now time.Time) {
 	r.cache.disown(e.instanceRRs(), now)
 	r.retractLocked(e)
 	e.rename()
-	r.startLocked(e, now)
+	r.startLocked(e, r.opts.probe, now)
 	r.publishLocked()
 }
 
 // startLocked schedules an entry's probes or announcements.
-func (r *MDNSRegistry) startLocked(e *mdnsEntry, now time.Time) {
-	if r.opts.probe {
+func (r *MDNSRegistry) startLocked(e *mdnsEntry, probe bool, now time.Time) {
+	if probe {
 		e.probes, e.probeAt = 3, now.Add(time.Duration(rand.IntN(250))*time.Millisecond)
 		e.announceLeft = 0
 		return
@@ -982,15 +982,16 @@ func (r *MDNSRegistry) Register(ctx context.Context, s *ServiceInfo, ttl time.Du
 			old.expires = e.expires
 			continue
 		}
+		probe := r.opts.probe
 		if old != nil { // changed: keep its name, announce the new records
 			r.retractLocked(old)
 			e.label, e.host, e.renames = old.label, old.host, old.renames
-			if old.probes == 0 {
-				e.past = old.past
+			if old.probes == 0 { // the name is ours: announce the change, no probing (RFC 6762 §8.4)
+				e.past, probe = old.past, false
 			}
 		}
 		r.entries[e.key] = e
-		r.startLocked(e, now)
+		r.startLocked(e, probe, now)
 	}
 	r.publishLocked()
 	r.poke()

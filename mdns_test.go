@@ -754,3 +754,34 @@ func TestMDNSWithdrawRetractsDelayedAnswers(t *testing.T) {
 		t.Fatalf("goodbye sent %v, the other node's answer sent %v", byeSent, greeter2)
 	}
 }
+
+// TestMDNSProbedNameChangeIsAnnounced: with probing on, a change to a node
+// whose name is already ours is announced at once (RFC 6762 §8.4), not
+// probed again; so a deregistration right after it still says goodbye.
+func TestMDNSProbedNameChangeIsAnnounced(t *testing.T) {
+	checkGoroutines(t)
+	a, b := newTestMDNS(t, MDNSProbe(true)), newTestMDNS(t)
+	ctx := testCtx(t)
+	w, err := b.Watch(ctx, "mdns-probed")
+	assertNoError(t, err)
+	defer w.Stop()
+	svc := testNode("mdns-probed", "mdns-probed-1", "127.0.0.1:3333", nil)
+	assertNoError(t, a.Register(ctx, svc, time.Minute))
+	assertEqual(t, testNext(t, w, func(*RegistryEvent) bool { return true }).Type, EventCreate)
+
+	svc.Nodes[0].Metadata = map[string]string{"color": "green"}
+	assertNoError(t, a.Register(ctx, svc, time.Minute))
+	a.mu.Lock()
+	for _, e := range a.entries {
+		if e.probes != 0 {
+			t.Errorf("changed entry probes again (%d probes left)", e.probes)
+		}
+	}
+	a.mu.Unlock()
+	assertNoError(t, a.Deregister(ctx, svc))
+	ev := testNext(t, w, func(*RegistryEvent) bool { return true })
+	if ev.Type == EventUpdate { // the change may be heard before the goodbye
+		ev = testNext(t, w, func(*RegistryEvent) bool { return true })
+	}
+	assertEqual(t, ev.Type, EventDelete)
+}
