@@ -38,7 +38,7 @@ import (
 // each message is acknowledged on its own in the reply. When deliveries
 // have waited 2 ms and no request in flight to the node has come back (a
 // slow handler, or a handler publishing to its own node and waiting),
-// another request is sent beside them, up to 16.
+// another request is sent beside them, up to 16 in flight.
 //
 // The envelope of a request (content type application/octet-stream; str is
 // a uvarint length and the bytes):
@@ -408,8 +408,11 @@ var brokerClosedError = &Error{Code: CodeCanceled, Message: "micro: broker close
 // and waits, whose nested delivery queues behind the request waiting for
 // it. So when deliveries wait and no request has come back for
 // brokerStall, another sender starts beside the first, and so on up to
-// brokerSendersMax: a chain of nested publishes to one node deeper than
-// that waits until its deadline.
+// brokerSendersMax requests in flight to the node, counting the outer one
+// and any held by slow handlers: a chain of nested publishes to one node
+// deeper than 15 waits until its deadline. Senders end when they find the
+// queue empty, so under a load whose requests take over brokerStall, more
+// than one stays in flight.
 func (b *brokerHTTP) enqueue(addr string, it *brokerItem, inline bool) {
 	b.mu.Lock()
 	if b.closed {
@@ -460,12 +463,16 @@ func (b *brokerHTTP) unstall(q *brokerNodeQueue) {
 	if b.closed || len(q.items) == 0 || b.nodes[q.addr] != q {
 		return
 	}
-	if q.taken == q.stallTaken && q.senders < brokerSendersMax {
+	started := q.taken == q.stallTaken && q.senders < brokerSendersMax
+	if started {
 		q.senders++
 		b.wg.Add(1)
 		go b.sender(q, false)
 	}
 	b.armStallLocked(q)
+	if started {
+		q.stallTaken++ // the new sender's first batch is not progress of those held
+	}
 }
 
 // dropLocked forgets a node's queue once no sender runs and nothing waits.
