@@ -86,6 +86,8 @@ type brokerHTTP struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup // senders and the index watch
 
+	stall time.Duration // brokerStall; tests set it
+
 	mu      sync.Mutex
 	nodes   map[string]*brokerNodeQueue
 	closed  bool
@@ -95,7 +97,7 @@ type brokerHTTP struct {
 }
 
 func newBrokerHTTP(server *Server, client *Client, opts ...BrokerOption) *brokerHTTP {
-	b := &brokerHTTP{opts: brokerDefaults(), server: server, client: client, nodes: make(map[string]*brokerNodeQueue)}
+	b := &brokerHTTP{opts: brokerDefaults(), server: server, client: client, nodes: make(map[string]*brokerNodeQueue), stall: brokerStall}
 	for _, o := range opts {
 		o.applyBroker(&b.opts)
 	}
@@ -447,9 +449,9 @@ func (b *brokerHTTP) enqueue(addr string, it *brokerItem, inline bool) {
 func (b *brokerHTTP) armStallLocked(q *brokerNodeQueue) {
 	q.stallArmed, q.stallTaken = true, q.taken
 	if q.stall == nil {
-		q.stall = time.AfterFunc(brokerStall, func() { b.unstall(q) })
+		q.stall = time.AfterFunc(b.stall, func() { b.unstall(q) })
 	} else {
-		q.stall.Reset(brokerStall)
+		q.stall.Reset(b.stall)
 	}
 }
 

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -966,4 +967,73 @@ func TestBrokerNestedPublishesToItsOwnNode(t *testing.T) {
 		assertNoError(t, <-errs)
 	}
 	assertEqual(t, rec.count(), chains)
+}
+
+// TestBrokerQueuedDeliveriesLeaveInOneBatch: deliveries that queue for a
+// node while its request in flight is held leave together, in one request,
+// when the stall starts another sender. The stall timer is set out of the
+// way and fired by hand, so what queues is known.
+func TestBrokerQueuedDeliveriesLeaveInOneBatch(t *testing.T) {
+	checkGoroutines(t)
+	reg := newBrokerTestRegistry(t)
+	var requests atomic.Int32
+	countDeliver := func(next HandlerFunc) HandlerFunc {
+		return func(ctx context.Context, req *Request) (any, error) {
+			if req.Endpoint == brokerEndpoint {
+				requests.Add(1)
+			}
+			return next(ctx, req)
+		}
+	}
+	held, release := make(chan struct{}), make(chan struct{})
+	var got atomic.Int32
+	newSubscriberService(t, reg, "batched", "batch.topic", func(ctx context.Context, msg *Message) error {
+		if string(msg.Body) == "hold" {
+			close(held)
+			<-release
+			return nil
+		}
+		got.Add(1)
+		return nil
+	}, nil, WrapHandler(countDeliver))
+	pub := newTestService(t, "publisher", nil, WithRegistry(reg))
+	b := pub.Broker().(*brokerHTTP)
+	b.mu.Lock()
+	b.stall = time.Hour
+	b.mu.Unlock()
+	ctx := testCtx(t)
+
+	first := make(chan error, 1)
+	go func() { first <- pub.Client().Publish(ctx, "batch.topic", &Message{Body: []byte("hold")}) }()
+	<-held
+	const n = 10
+	errs := make(chan error, n)
+	for i := range n {
+		go func() { errs <- pub.Client().Publish(ctx, "batch.topic", &Message{Body: []byte{byte(i)}}) }()
+	}
+	var q *brokerNodeQueue
+	for { // until all n wait behind the held request
+		b.mu.Lock()
+		for _, nq := range b.nodes {
+			if len(nq.items) == n {
+				q = nq
+			}
+		}
+		b.mu.Unlock()
+		if q != nil {
+			break
+		}
+		if ctx.Err() != nil {
+			t.Fatal("the deliveries did not queue")
+		}
+		runtime.Gosched()
+	}
+	b.unstall(q)
+	for range n {
+		assertNoError(t, <-errs)
+	}
+	assertEqual(t, got.Load(), int32(n))
+	assertEqual(t, requests.Load(), int32(2)) // the held one, and one for all n
+	close(release)
+	assertNoError(t, <-first)
 }
