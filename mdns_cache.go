@@ -26,9 +26,10 @@ const (
 // the third packet brings the instance back for a moment. So for
 // mdnsReorder after an instance's SRV or TXT record changes (a new value,
 // or a goodbye), a packet carrying a value it had before is taken for a
-// late copy and ignored if it came through a socket that has not yet
-// delivered the current value. One socket delivers in order: once it has
-// delivered the current value, what follows from it is newer.
+// late copy and ignored if it came from a source (a socket, interface and
+// sender's address; see mdnsSource) that has not yet delivered the current
+// value. One source delivers in order: once it has delivered the current
+// value, what follows from it is newer.
 const (
 	mdnsReorder = time.Second
 	mdnsMaxWas  = 4 // values replaced within mdnsReorder kept per record
@@ -87,7 +88,7 @@ type mdnsCached struct {
 	// SRV and TXT only, for the order across sockets (see mdnsReorder); a
 	// goodbye is kept as a record that is gone until mdnsReorder after it.
 	was  []mdnsWas // values replaced within mdnsReorder, oldest first
-	seen uint64    // the readers (a bit each) that delivered the value since it changed
+	seen uint64    // the sources (a bit each, see mdnsCache.source) that delivered the value since it changed
 }
 
 func newMDNSCache() *mdnsCache {
@@ -108,11 +109,11 @@ func mdnsInstanceName(name string) bool {
 	return name[len(label)] == '.' && !strings.Contains(label, ".")
 }
 
-// absorb caches the records of a response that came in on ifIndex through
-// reader (the socket's number); names and addresses are taken only for
-// _micro._tcp instances and the hosts their SRV records name. Answers to a
-// one-shot query (TTLs capped at 10 s) never shorten what a multicast
-// announcement said. from is the source's bit (see source). It reports
+// absorb caches the records of a response that came in on ifIndex from the
+// source whose bit is from (see source); names and addresses are taken only
+// for _micro._tcp instances and the hosts their SRV records name. Answers to
+// a one-shot query (TTLs capped at 10 s) never shorten what a multicast
+// announcement said. It reports
 // whether anything changed, and whether the response told of any instance
 // at all (heard), changed or not.
 func (c *mdnsCache) absorb(m *dnsmessage.Message, ifIndex int, ifName string, from uint64, oneShot bool, now time.Time) (changed, heard bool) {
