@@ -24,6 +24,9 @@ import (
 // Content-Type application/connect+<codec> whose bodies are envelopes (a
 // flags byte, a big-endian uint32 length, the message), the response ending
 // with an end-of-stream envelope that carries the error and trailers as JSON.
+// A client may compress its messages (Connect-Content-Encoding: gzip, and
+// the envelope's compressed flag), which the server undoes within its size
+// limit; the server's messages, and our client's, go uncompressed.
 // Streams run over HTTP/2 (cleartext h2c on our ports), where each stream
 // has its own flow control: a slow reader holds up its writer, no message is
 // queued without bound, and one stream's failure leaves the others on the
@@ -64,7 +67,8 @@ type Stream struct {
 	br     *bufio.Reader // reads r, made on the first Recv
 	rhdr   [5]byte
 	rbuf   []byte
-	header MD // the response's headers (client)
+	header MD   // the response's headers (client)
+	gzipIn bool // server: the client may compress its messages (Connect-Content-Encoding: gzip)
 	rmu    sync.Mutex
 	rerr   error // the result once the stream has ended, for every later Recv
 	trail  MD    // end-of-stream metadata (client: received; server: to send)
@@ -206,13 +210,20 @@ func (s *Stream) Recv(msg any) error {
 			return s.end(e)
 		}
 		return s.end(streamWireError(s.ctx, err))
-	case flags&streamFlagEnd != 0:
+	}
+	if flags&streamFlagCompressed != 0 {
+		if !s.gzipIn {
+			return s.end(Errorf(CodeInvalidArgument, "micro: a compressed stream message, with no Connect-Content-Encoding"))
+		}
+		if data, err = streamGunzip(data, s.max); err != nil {
+			return s.end(err)
+		}
+	}
+	if flags&streamFlagEnd != 0 {
 		if s.server {
 			return s.end(Errorf(CodeInvalidArgument, "micro: end-of-stream flag from a client"))
 		}
 		return s.end(s.readEnd(data))
-	case flags&streamFlagCompressed != 0:
-		return s.end(Errorf(CodeUnimplemented, "micro: compressed stream messages are not supported"))
 	}
 	if err := s.codec.Unmarshal(data, msg); err != nil {
 		if s.server {
@@ -307,6 +318,19 @@ func (s *Stream) release(err error) {
 type streamEnd struct {
 	Error    *rpcWireError       `json:"error,omitempty"`
 	Metadata map[string][]string `json:"metadata,omitempty"`
+}
+
+// streamGunzip undoes a message's compression, within limit.
+func streamGunzip(data []byte, limit int64) ([]byte, error) {
+	out, err := rpcDecodeBody(data, "gzip", limit)
+	if CodeOf(err) == CodeResourceExhausted {
+		return nil, Errorf(CodeResourceExhausted, "micro: stream message larger than %d bytes once decompressed", limit)
+	}
+	var e *Error
+	if errors.As(err, &e) {
+		return nil, Errorf(CodeInvalidArgument, "micro: compressed stream message: %s", e.Message)
+	}
+	return out, err
 }
 
 // The envelope flags.
@@ -471,9 +495,16 @@ func (s *Server) serveStream(w http.ResponseWriter, r *http.Request, m *rpcMetho
 		}
 		call.deadline = time.Now().Add(time.Duration(ms) * time.Millisecond)
 	}
-	if enc := r.Header.Get("Connect-Content-Encoding"); enc != "" && enc != "identity" {
-		early = Errorf(CodeUnimplemented, "unsupported Connect-Content-Encoding %q", enc)
+	gzipIn := false
+	switch enc := r.Header.Get("Connect-Content-Encoding"); enc {
+	case "", "identity":
+	case "gzip":
+		gzipIn = true
+	default:
+		early = Errorf(CodeUnimplemented, "unsupported Connect-Content-Encoding %q; use gzip or identity", enc)
 	}
+	// Messages may come compressed with these; ours go out uncompressed.
+	w.Header().Set("Connect-Accept-Encoding", "gzip")
 	// Headers go out with the first message or the end of the stream, after
 	// a server stream's request has been read, as connect-go's server does.
 	w.Header().Set("Content-Type", "application/connect+"+streamCodecName(codec.ContentType()))
@@ -498,7 +529,7 @@ func (s *Server) serveStream(w http.ResponseWriter, r *http.Request, m *rpcMetho
 		call.mu.Unlock()
 	}
 	go streamFlusher(out, w, headers, rc.Flush, flushed)
-	st := &Stream{ctx: call, codec: codec, max: min(s.opts.maxBodySize, streamMaxMessage), r: r.Body, w: out, server: true}
+	st := &Stream{ctx: call, codec: codec, max: min(s.opts.maxBodySize, streamMaxMessage), r: r.Body, w: out, server: true, gzipIn: gzipIn}
 	req := &Request{Service: s.opts.name, Endpoint: m.name, ContentType: codec.ContentType()}
 	if len(s.opts.streamWrappers) > 0 {
 		req.Header = call.incoming()
