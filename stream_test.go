@@ -454,7 +454,7 @@ func TestStreamBadInputAndHTTP1(t *testing.T) {
 		{"truncated header", "/Chat/Echo", "application/connect+json", []byte{0, 0, 0}, 200, 0, "invalid_argument"},
 		{"garbage message", "/Chat/Echo", "application/connect+json", envelope(`{"n":"x"}`), 200, 0, "invalid_argument"},
 		{"oversized envelope", "/Chat/Echo", "application/connect+json", []byte{0, 0xff, 0, 0, 0}, 200, 0, "resource_exhausted"},
-		{"compressed flag", "/Chat/Echo", "application/connect+json", append([]byte{1, 0, 0, 0, 2}, "{}"...), 200, 0, "unimplemented"},
+		{"compressed flag, no encoding said", "/Chat/Echo", "application/connect+json", append([]byte{1, 0, 0, 0, 2}, "{}"...), 200, 0, "invalid_argument"},
 		{"end flag from a client", "/Chat/Echo", "application/connect+json", append([]byte{2, 0, 0, 0, 2}, "{}"...), 200, 0, "invalid_argument"},
 		{"no request for server streaming", "/Chat/Count", "application/connect+json", nil, 200, 0, "invalid_argument"},
 		{"unknown codec", "/Chat/Echo", "application/connect+xml", nil, 415, 0, ""},
