@@ -411,8 +411,9 @@ var brokerClosedError = &Error{Code: CodeCanceled, Message: "micro: broker close
 // it. So when deliveries wait and no request has come back for
 // brokerStall, another sender starts beside the first, and so on up to
 // brokerSendersMax requests in flight to the node, counting the outer one
-// and any held by slow handlers: a chain of nested publishes to one node
-// deeper than 15 waits until its deadline. Senders end when they find the
+// and any held by slow handlers: nested publishes to one node more than 15
+// levels deep, counting every chain in flight to it, wait until their
+// deadline. Senders end when they find the
 // queue empty, so under a load whose requests take over brokerStall, more
 // than one stays in flight.
 func (b *brokerHTTP) enqueue(addr string, it *brokerItem, inline bool) {

@@ -546,6 +546,34 @@ func (r *MDNSRegistry) markSentLocked(rr *dnsmessage.Resource, ifc *mdnsIface, n
 }
 
 // goodbyeLocked multicasts the entry's records with TTL 0 (RFC 6762 §10.1).
+// replaceLocked makes e, a changed registration of old's node, take over
+// old's names, and reports whether e must probe them: not when old's were
+// announced, which makes them ours (RFC 6762 §8.4: a change is announced).
+// A node that moves from its own address to a DNS name says goodbye to the
+// address records it gave.
+func (r *MDNSRegistry) replaceLocked(old, e *mdnsEntry) (probe bool) {
+	r.retractLocked(old)
+	e.label, e.renames = old.label, old.renames
+	switch {
+	case old.ownHost && e.ownHost:
+		e.host = old.host
+	case e.ownHost:
+		e.host = e.ownHostName()
+	case old.ownHost && old.probes == 0:
+		h := dnsmessage.Header{Response: true, Authoritative: true}
+		for _, ifc := range r.sortedIfacesLocked() {
+			if rs := old.addrRRs(ifc, 0, true, mdnsTypeANY); len(rs) > 0 {
+				r.multicastLocked(ifc, mdnsPack(h, nil, rs, nil))
+			}
+		}
+	}
+	if old.probes == 0 {
+		e.past = old.past
+		return false
+	}
+	return true
+}
+
 func (r *MDNSRegistry) goodbyeLocked(e *mdnsEntry) {
 	if e.probes > 0 {
 		return // never announced
@@ -983,12 +1011,8 @@ func (r *MDNSRegistry) Register(ctx context.Context, s *ServiceInfo, ttl time.Du
 			continue
 		}
 		probe := r.opts.probe
-		if old != nil { // changed: keep its name, announce the new records
-			r.retractLocked(old)
-			e.label, e.host, e.renames = old.label, old.host, old.renames
-			if old.probes == 0 { // the name is ours: announce the change, no probing (RFC 6762 §8.4)
-				e.past, probe = old.past, false
-			}
+		if old != nil {
+			probe = r.replaceLocked(old, e) && probe
 		}
 		r.entries[e.key] = e
 		r.startLocked(e, probe, now)

@@ -242,10 +242,19 @@ func (e *mdnsEntry) rename() {
 	suffix := " (" + itoa(n) + ")"
 	e.label = mdnsLabel(e.base, 63-len(suffix)) + suffix
 	if e.ownHost {
-		hs := "-" + itoa(n)
-		e.host = mdnsHostLabel(e.base, 63-len(hs)) + hs + ".local."
+		e.host = e.ownHostName()
 	}
 	e.past = nil
+}
+
+// ownHostName is the .local host name of an entry that answers for its
+// own address, after its renames.
+func (e *mdnsEntry) ownHostName() string {
+	if e.renames == 0 {
+		return mdnsHostLabel(e.base, 63) + ".local."
+	}
+	hs := "-" + itoa(e.renames+1)
+	return mdnsHostLabel(e.base, 63-len(hs)) + hs + ".local."
 }
 
 func itoa(n int) string {

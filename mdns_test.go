@@ -785,3 +785,64 @@ func TestMDNSProbedNameChangeIsAnnounced(t *testing.T) {
 	}
 	assertEqual(t, ev.Type, EventDelete)
 }
+
+// TestMDNSChangedNodeAddress: a node re-registered with another address
+// keeps its instance name; its SRV target follows the address (its own
+// .local name for an IP, the name itself for a DNS name), and moving from
+// an IP to a DNS name says goodbye to the address records it gave.
+func TestMDNSChangedNodeAddress(t *testing.T) {
+	r := testMDNSOffline(t)
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var old *mdnsEntry
+	for _, e := range r.entries {
+		if e.base == "greeter-1" {
+			old = e
+		}
+	}
+	old.renames, old.label, old.host = 1, "greeter-1 (2)", "greeter-1-2.local." // as after a conflict
+	next := func(addr string) *mdnsEntry {
+		info := testNode("greeter", "greeter-1", addr, map[string]string{"zone": "a"})
+		e, err := mdnsNewEntry(info, info.Nodes[0], time.Minute, time.Now())
+		assertNoError(t, err)
+		return e
+	}
+	byes := func() bool { // whether a goodbye of the old A record went out (on either family)
+		n := 0
+		for _, o := range r.out {
+			var m dnsmessage.Message
+			assertNoError(t, m.Unpack(o.msg))
+			for _, rr := range m.Answers {
+				if _, ok := rr.Body.(*dnsmessage.AResource); ok && rr.Header.TTL == 0 && rr.Header.Name.String() == "greeter-1-2.local." {
+					n++
+				}
+			}
+		}
+		r.out = nil
+		return n > 0
+	}
+	steps := []struct {
+		addr, host string
+		bye        bool
+	}{
+		{"a.example:8080", "a.example.", true}, // the IP's A record goes
+		{"b.example:8080", "b.example.", false},
+		{"10.0.0.7:8080", "greeter-1-2.local.", false}, // its own name, renamed as before
+		{"127.0.0.1:8080", "greeter-1-2.local.", false},
+	}
+	for _, s := range steps {
+		e := next(s.addr)
+		if probe := r.replaceLocked(old, e); probe {
+			t.Fatalf("%s: an announced name probed again", s.addr)
+		}
+		assertEqual(t, e.label, "greeter-1 (2)")
+		assertEqual(t, e.host, s.host)
+		assertEqual(t, byes(), s.bye)
+		r.entries[e.key] = e
+		// The same registration again is no change.
+		if again := next(s.addr); !e.sameAs(again) {
+			t.Fatalf("%s: registering it again is taken for a change", s.addr)
+		}
+		old = e
+	}
+}

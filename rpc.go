@@ -731,6 +731,10 @@ func rpcTooBig(limit int64) *Error {
 	return Errorf(CodeResourceExhausted, "request body larger than %d bytes", limit)
 }
 
+// rpcGzipReaders keeps gzip readers (about 40 KB of state each) for reuse:
+// a stream may carry many small compressed messages.
+var rpcGzipReaders sync.Pool
+
 // rpcDecodeBody undoes the request's Content-Encoding, within the limit.
 func rpcDecodeBody(raw []byte, encoding string, limit int64) ([]byte, error) {
 	switch encoding {
@@ -743,11 +747,17 @@ func rpcDecodeBody(raw []byte, encoding string, limit int64) ([]byte, error) {
 	default:
 		return nil, Errorf(CodeUnimplemented, "unsupported Content-Encoding %q; use gzip or none", encoding)
 	}
-	zr, err := gzip.NewReader(bytes.NewReader(raw))
+	zr, _ := rpcGzipReaders.Get().(*gzip.Reader)
+	var err error
+	if zr == nil {
+		zr, err = gzip.NewReader(bytes.NewReader(raw))
+	} else {
+		err = zr.Reset(bytes.NewReader(raw))
+	}
 	if err != nil {
 		return nil, Errorf(CodeInvalidArgument, "malformed gzip body: %v", err)
 	}
-	defer zr.Close()
+	defer rpcGzipReaders.Put(zr)
 	var buf bytes.Buffer
 	_, err = buf.ReadFrom(io.LimitReader(zr, limit+1))
 	switch {

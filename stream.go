@@ -211,8 +211,14 @@ func (s *Stream) Recv(msg any) error {
 		}
 		return s.end(streamWireError(s.ctx, err))
 	}
+	if flags&streamFlagEnd != 0 && s.server {
+		return s.end(Errorf(CodeInvalidArgument, "micro: end-of-stream flag from a client"))
+	}
 	if flags&streamFlagCompressed != 0 {
-		if !s.gzipIn {
+		switch {
+		case !s.server: // our client asks for no compression
+			return s.end(Errorf(CodeInternal, "micro: protocol error: a compressed stream message, though none was asked for"))
+		case !s.gzipIn:
 			return s.end(Errorf(CodeInvalidArgument, "micro: a compressed stream message, with no Connect-Content-Encoding"))
 		}
 		if data, err = streamGunzip(data, s.max); err != nil {
@@ -220,9 +226,6 @@ func (s *Stream) Recv(msg any) error {
 		}
 	}
 	if flags&streamFlagEnd != 0 {
-		if s.server {
-			return s.end(Errorf(CodeInvalidArgument, "micro: end-of-stream flag from a client"))
-		}
 		return s.end(s.readEnd(data))
 	}
 	if err := s.codec.Unmarshal(data, msg); err != nil {

@@ -972,3 +972,19 @@ func TestStreamGzipMessages(t *testing.T) {
 		})
 	}
 }
+
+// TestStreamClientRefusesUnaskedCompression: our client asks for no
+// compression, so a compressed message from a server is a protocol error
+// (internal), not something the caller did wrong.
+func TestStreamClientRefusesUnaskedCompression(t *testing.T) {
+	var gz bytes.Buffer
+	zw := gzip.NewWriter(&gz)
+	zw.Write([]byte(`{"n":1}`))
+	zw.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	st := &Stream{ctx: ctx, cancel: cancel, codec: JSONCodec{}, max: 1 << 20,
+		r: bytes.NewReader(streamAppendEnvelope(nil, streamFlagCompressed, gz.Bytes())), pw: newStreamPipe(1)}
+	var m Num
+	assertCode(t, st.Recv(&m), CodeInternal)
+}
