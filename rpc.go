@@ -275,6 +275,7 @@ type rpcMethod struct {
 	rspType reflect.Type // for the (ctx, req, rsp) form; nil for the returning form
 	handler HandlerFunc  // fn behind the server's wrappers
 	stream  int          // streamNone, streamBidi or streamServer
+	get     bool         // no side effects: may be called with GET (NoSideEffects)
 }
 
 // NewServer returns a server with the options.
@@ -316,8 +317,10 @@ func (s *Server) apply(opts []ServerOption) {
 type HandlerOption func(*rpcHandlerOptions)
 
 type rpcHandlerOptions struct {
-	name string
-	meta map[string]string
+	name    string
+	meta    map[string]string
+	safe    []string // NoSideEffects' methods
+	safeAll bool     // NoSideEffects with none named
 }
 
 // HandlerName sets the name endpoints are registered under (default: the
@@ -325,6 +328,25 @@ type rpcHandlerOptions struct {
 // "helloworld.Greeter.Hello" at path /helloworld.Greeter/Hello.
 func HandlerName(name string) HandlerOption {
 	return func(o *rpcHandlerOptions) { o.name = name }
+}
+
+// NoSideEffects says that the named methods of the handler (such as
+// "Hello"; with none named, all its unary methods) have no side effects,
+// so they may also be called with HTTP GET, the request in the query, as
+// the Connect protocol's unary GET has it: ?encoding=json&message=... (the
+// message URL-encoded, or base64url with base64=1; compression=gzip for a
+// compressed one). A browser, a cache or
+//
+//	curl --get --data-urlencode encoding=json --data-urlencode 'message={"name":"Ada"}' http://host:port/Greeter/Hello
+//
+// can then call them. Calls by POST are unchanged; other methods answer
+// GET with 405. Default: none. Naming a method that is not a unary
+// endpoint of the handler makes RegisterHandler fail.
+func NoSideEffects(methods ...string) HandlerOption {
+	return func(o *rpcHandlerOptions) {
+		o.safe = append(o.safe, methods...)
+		o.safeAll = o.safeAll || len(methods) == 0
+	}
 }
 
 // EndpointMetadata adds metadata to every endpoint of the handler, as
@@ -388,6 +410,14 @@ func RegisterHandler(s *Server, h any, opts ...HandlerOption) error {
 			continue
 		}
 		methods = append(methods, rm)
+	}
+	for _, safe := range o.safe {
+		if !slices.ContainsFunc(methods, func(m *rpcMethod) bool { return m.stream == streamNone && m.name == name+"."+safe }) {
+			problems = append(problems, fmt.Sprintf("NoSideEffects(%q): no unary endpoint %s.%s", safe, name, safe))
+		}
+	}
+	for _, m := range methods {
+		m.get = m.stream == streamNone && (o.safeAll || slices.Contains(o.safe, strings.TrimPrefix(m.name, name+".")))
 	}
 	if len(problems) > 0 {
 		return fmt.Errorf("micro: RegisterHandler(%s): %s", t, strings.Join(problems, "; "))
@@ -569,9 +599,16 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		rpcWriteReply(w, rpcErrorReply(0, Errorf(CodeUnimplemented, "no endpoint at %s", r.URL.Path)))
 		return
 	}
+	if r.Method == http.MethodGet && m.get {
+		s.serveGet(w, r, m)
+		return
+	}
 	if r.Method != http.MethodPost {
 		rep := rpcErrorReply(http.StatusMethodNotAllowed, Errorf(CodeUnimplemented, "method %s not allowed; use POST", r.Method))
 		rep.md = MD{"Allow": http.MethodPost}
+		if m.get {
+			rep.md["Allow"] = "GET, POST"
+		}
 		rpcWriteReply(w, rep)
 		return
 	}
@@ -610,6 +647,44 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		header:      r.Header,
 	}
 	rpcWriteReply(w, s.unary(r.Context(), m, &head, buf.Bytes()))
+}
+
+// serveGet serves a unary call made with GET, its request in the query
+// (https://connectrpc.com/docs/protocol#unary-get-request): encoding (the
+// codec's name, as in application/<name>), message, base64=1 if the message
+// is base64url, compression, and connect=v1 (optional).
+func (s *Server) serveGet(w http.ResponseWriter, r *http.Request, m *rpcMethod) {
+	q := r.URL.Query()
+	fail := func(err *Error) { rpcWriteReply(w, rpcErrorReply(0, err)) }
+	if v := q.Get("connect"); v != "" && v != "v1" {
+		fail(Errorf(CodeInvalidArgument, "connect=%q: this server speaks v1", v))
+		return
+	}
+	enc := q.Get("encoding")
+	if enc == "" || strings.ContainsAny(enc, "/;, ") {
+		fail(Errorf(CodeInvalidArgument, "a GET call needs encoding= the codec's name, such as json or proto"))
+		return
+	}
+	msg := []byte(q.Get("message"))
+	if q.Get("base64") == "1" {
+		b, err := base64.RawURLEncoding.DecodeString(strings.TrimRight(string(msg), "="))
+		if err != nil {
+			fail(Errorf(CodeInvalidArgument, "message= is not base64url: %v", err))
+			return
+		}
+		msg = b
+	}
+	if int64(len(msg)) > s.opts.maxBodySize {
+		fail(rpcTooBig(s.opts.maxBodySize))
+		return
+	}
+	head := rpcHead{
+		contentType: "application/" + enc,
+		timeout:     r.Header.Get("Connect-Timeout-Ms"),
+		encoding:    q.Get("compression"),
+		header:      r.Header,
+	}
+	rpcWriteReply(w, s.unary(r.Context(), m, &head, msg))
 }
 
 // rpcInfoPath serves a node's full record: what discovery records leave out.

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"compress/gzip"
 	"context"
+	"encoding/base64"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
@@ -13,6 +14,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -789,4 +791,64 @@ func TestEndedContextSendsNothing(t *testing.T) {
 		t.Fatalf("ended contexts reached the server: %d handled, %d connections; want %d and %d",
 			n, conns, wantHandled, wantConns)
 	}
+}
+
+// TestGetNoSideEffects: methods marked NoSideEffects answer Connect's unary
+// GET (the request in the query) as they answer POST; others refuse GET.
+func TestGetNoSideEffects(t *testing.T) {
+	srv := NewServer(MaxBodySize(1024))
+	assertNoError(t, RegisterHandler(srv, &Greeter{id: "g"}, NoSideEffects("Hello")))
+	err := RegisterHandler(NewServer(), &Greeter{}, NoSideEffects("Nope"))
+	if err == nil || !strings.Contains(err.Error(), `NoSideEffects("Nope")`) {
+		t.Fatalf("NoSideEffects of a missing method: %v", err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	assertNoError(t, err)
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(ln) }()
+	defer func() { srv.Close(); <-done }()
+	base := "http://" + ln.Addr().String()
+
+	var gz bytes.Buffer
+	zw := gzip.NewWriter(&gz)
+	zw.Write([]byte(`{"name":"zip"}`))
+	zw.Close()
+	b64 := func(b []byte) string { return base64.RawURLEncoding.EncodeToString(b) }
+	for _, tc := range []struct {
+		name, path, query string
+		status            int
+		body              string // the reply, or the error code
+	}{
+		{"json", "/Greeter/Hello", "encoding=json&message=" + url.QueryEscape(`{"name":"Ada"}`), 200, `{"message":"hello Ada","node":"g"}`},
+		{"all of it", "/Greeter/Hello", "connect=v1&encoding=json&base64=1&message=" + b64([]byte(`{"name":"Bo"}`)), 200, `{"message":"hello Bo","node":"g"}`},
+		{"padded base64", "/Greeter/Hello", "encoding=json&base64=1&message=" + base64.URLEncoding.EncodeToString([]byte(`{"name":"C"}`)), 200, `{"message":"hello C","node":"g"}`},
+		{"gzip", "/Greeter/Hello", "encoding=json&base64=1&compression=gzip&message=" + b64(gz.Bytes()), 200, `{"message":"hello zip","node":"g"}`},
+		{"no message", "/Greeter/Hello", "encoding=json", 200, `{"message":"hello ","node":"g"}`},
+		{"no encoding", "/Greeter/Hello", "message=%7B%7D", 400, "invalid_argument"},
+		{"unknown encoding", "/Greeter/Hello", "encoding=yaml&message=x", 415, "invalid_argument"}, // as for POST
+		{"another version", "/Greeter/Hello", "connect=v2&encoding=json", 400, "invalid_argument"},
+		{"bad base64", "/Greeter/Hello", "encoding=json&base64=1&message=!!", 400, "invalid_argument"},
+		{"too big", "/Greeter/Hello", "encoding=json&message=" + strings.Repeat("x", 1100), 429, "resource_exhausted"},
+		{"not marked", "/Greeter/Slow", "encoding=json&message=%7B%7D", 405, "unimplemented"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			rsp, err := http.Get(base + tc.path + "?" + tc.query)
+			assertNoError(t, err)
+			body, _ := io.ReadAll(rsp.Body)
+			rsp.Body.Close()
+			assertEqual(t, rsp.StatusCode, tc.status)
+			if tc.status == 200 {
+				assertEqual(t, strings.TrimSpace(string(body)), tc.body)
+				return
+			}
+			var e struct{ Code string }
+			assertNoError(t, json.Unmarshal(body, &e))
+			assertEqual(t, e.Code, tc.body)
+		})
+	}
+	rsp, err := http.Head(base + "/Greeter/Hello")
+	assertNoError(t, err)
+	rsp.Body.Close()
+	assertEqual(t, rsp.StatusCode, http.StatusMethodNotAllowed)
+	assertEqual(t, rsp.Header.Get("Allow"), "GET, POST")
 }
