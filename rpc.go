@@ -678,6 +678,9 @@ func (s *Server) serveGet(w http.ResponseWriter, r *http.Request, m *rpcMethod) 
 		fail(rpcTooBig(s.opts.maxBodySize))
 		return
 	}
+	if d := s.opts.readTimeout; d > 0 { // as for POST: a reader too slow for the reply is cut
+		http.NewResponseController(w).SetWriteDeadline(time.Now().Add(d))
+	}
 	head := rpcHead{
 		contentType: "application/" + enc,
 		timeout:     r.Header.Get("Connect-Timeout-Ms"),
