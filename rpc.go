@@ -622,9 +622,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if d := s.opts.readTimeout; d > 0 { // per request, so streams on this server are unaffected
-		rc := http.NewResponseController(w)
-		rc.SetReadDeadline(time.Now().Add(d))
-		rc.SetWriteDeadline(time.Now().Add(d))
+		http.NewResponseController(w).SetReadDeadline(time.Now().Add(d))
 	}
 	var buf bytes.Buffer
 	if r.ContentLength > 0 { // grown as the body arrives, not as the header claims
@@ -634,10 +632,10 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	var maxErr *http.MaxBytesError
 	switch {
 	case errors.As(err, &maxErr):
-		rpcWriteReply(w, rpcErrorReply(0, rpcTooBig(limit)))
+		s.writeReply(w, rpcErrorReply(0, rpcTooBig(limit)))
 		return
 	case err != nil:
-		rpcWriteReply(w, rpcErrorReply(0, Errorf(CodeInvalidArgument, "reading the request body: %v", err)))
+		s.writeReply(w, rpcErrorReply(0, Errorf(CodeInvalidArgument, "reading the request body: %v", err)))
 		return
 	}
 	head := rpcHead{
@@ -646,7 +644,16 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		encoding:    r.Header.Get("Content-Encoding"),
 		header:      r.Header,
 	}
-	rpcWriteReply(w, s.unary(r.Context(), m, &head, buf.Bytes()))
+	s.writeReply(w, s.unary(r.Context(), m, &head, buf.Bytes()))
+}
+
+// writeReply writes a unary reply through net/http within ReadTimeout from
+// now: the handler's own time does not count, as on the fast path.
+func (s *Server) writeReply(w http.ResponseWriter, rep rpcReply) {
+	if d := s.opts.readTimeout; d > 0 {
+		http.NewResponseController(w).SetWriteDeadline(time.Now().Add(d))
+	}
+	rpcWriteReply(w, rep)
 }
 
 // serveGet serves a unary call made with GET, its request in the query
@@ -654,8 +661,16 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // codec's name, as in application/<name>), message, base64=1 if the message
 // is base64url, compression, and connect=v1 (optional).
 func (s *Server) serveGet(w http.ResponseWriter, r *http.Request, m *rpcMethod) {
-	q := r.URL.Query()
-	fail := func(err *Error) { rpcWriteReply(w, rpcErrorReply(0, err)) }
+	fail := func(err *Error) { s.writeReply(w, rpcErrorReply(0, err)) }
+	q, err := url.ParseQuery(r.URL.RawQuery)
+	switch {
+	case err != nil:
+		fail(Errorf(CodeInvalidArgument, "malformed query: %v", err))
+		return
+	case !q.Has("message"):
+		fail(Errorf(CodeInvalidArgument, "a GET call needs message= the request"))
+		return
+	}
 	if v := q.Get("connect"); v != "" && v != "v1" {
 		fail(Errorf(CodeInvalidArgument, "connect=%q: this server speaks v1", v))
 		return
@@ -678,16 +693,13 @@ func (s *Server) serveGet(w http.ResponseWriter, r *http.Request, m *rpcMethod) 
 		fail(rpcTooBig(s.opts.maxBodySize))
 		return
 	}
-	if d := s.opts.readTimeout; d > 0 { // as for POST: a reader too slow for the reply is cut
-		http.NewResponseController(w).SetWriteDeadline(time.Now().Add(d))
-	}
 	head := rpcHead{
 		contentType: "application/" + enc,
 		timeout:     r.Header.Get("Connect-Timeout-Ms"),
 		encoding:    q.Get("compression"),
 		header:      r.Header,
 	}
-	rpcWriteReply(w, s.unary(r.Context(), m, &head, msg))
+	s.writeReply(w, s.unary(r.Context(), m, &head, msg))
 }
 
 // rpcInfoPath serves a node's full record: what discovery records leave out.
@@ -1248,8 +1260,9 @@ func ReadHeaderTimeout(d time.Duration) ServerOption {
 	return rpcOption{server: func(o *serverOptions) { o.readHeaderTimeout = d }}
 }
 
-// ReadTimeout bounds reading a request's body, and writing its reply, on the
-// HTTP/1.1 fast path (default 30s).
+// ReadTimeout bounds reading a unary request's body, and writing its reply
+// (default 30s); the handler's own time does not count. Streams are not
+// bound by it.
 func ReadTimeout(d time.Duration) ServerOption {
 	return rpcOption{server: func(o *serverOptions) { o.readTimeout = d }}
 }

@@ -796,8 +796,10 @@ func TestEndedContextSendsNothing(t *testing.T) {
 // TestGetNoSideEffects: methods marked NoSideEffects answer Connect's unary
 // GET (the request in the query) as they answer POST; others refuse GET.
 func TestGetNoSideEffects(t *testing.T) {
-	srv := NewServer(MaxBodySize(1024))
-	assertNoError(t, RegisterHandler(srv, &Greeter{id: "g"}, NoSideEffects("Hello")))
+	srv := NewServer(MaxBodySize(1024), ReadTimeout(20*time.Millisecond))
+	g := &Greeter{id: "g", started: make(chan struct{}, 1), release: make(chan struct{})}
+	assertNoError(t, RegisterHandler(srv, g, NoSideEffects("Hello", "Slow")))
+	assertNoError(t, RegisterHandler(srv, &Echo{}))
 	err := RegisterHandler(NewServer(), &Greeter{}, NoSideEffects("Nope"))
 	if err == nil || !strings.Contains(err.Error(), `NoSideEffects("Nope")`) {
 		t.Fatalf("NoSideEffects of a missing method: %v", err)
@@ -823,13 +825,15 @@ func TestGetNoSideEffects(t *testing.T) {
 		{"all of it", "/Greeter/Hello", "connect=v1&encoding=json&base64=1&message=" + b64([]byte(`{"name":"Bo"}`)), 200, `{"message":"hello Bo","node":"g"}`},
 		{"padded base64", "/Greeter/Hello", "encoding=json&base64=1&message=" + base64.URLEncoding.EncodeToString([]byte(`{"name":"C"}`)), 200, `{"message":"hello C","node":"g"}`},
 		{"gzip", "/Greeter/Hello", "encoding=json&base64=1&compression=gzip&message=" + b64(gz.Bytes()), 200, `{"message":"hello zip","node":"g"}`},
-		{"no message", "/Greeter/Hello", "encoding=json", 200, `{"message":"hello ","node":"g"}`},
+		{"empty message", "/Greeter/Hello", "encoding=json&message=", 200, `{"message":"hello ","node":"g"}`},
+		{"no message", "/Greeter/Hello", "encoding=json", 400, "invalid_argument"},
+		{"malformed query", "/Greeter/Hello", "encoding=json&message=%ZZ", 400, "invalid_argument"},
 		{"no encoding", "/Greeter/Hello", "message=%7B%7D", 400, "invalid_argument"},
 		{"unknown encoding", "/Greeter/Hello", "encoding=yaml&message=x", 415, "invalid_argument"}, // as for POST
 		{"another version", "/Greeter/Hello", "connect=v2&encoding=json", 400, "invalid_argument"},
 		{"bad base64", "/Greeter/Hello", "encoding=json&base64=1&message=!!", 400, "invalid_argument"},
 		{"too big", "/Greeter/Hello", "encoding=json&message=" + strings.Repeat("x", 1100), 429, "resource_exhausted"},
-		{"not marked", "/Greeter/Slow", "encoding=json&message=%7B%7D", 405, "unimplemented"},
+		{"not marked", "/Echo/Struct", "encoding=json&message=%7B%7D", 405, "unimplemented"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			rsp, err := http.Get(base + tc.path + "?" + tc.query)
@@ -837,6 +841,9 @@ func TestGetNoSideEffects(t *testing.T) {
 			body, _ := io.ReadAll(rsp.Body)
 			rsp.Body.Close()
 			assertEqual(t, rsp.StatusCode, tc.status)
+			if tc.status == 405 {
+				assertEqual(t, rsp.Header.Get("Allow"), "POST")
+			}
 			if tc.status == 200 {
 				assertEqual(t, strings.TrimSpace(string(body)), tc.body)
 				return
@@ -851,4 +858,35 @@ func TestGetNoSideEffects(t *testing.T) {
 	rsp.Body.Close()
 	assertEqual(t, rsp.StatusCode, http.StatusMethodNotAllowed)
 	assertEqual(t, rsp.Header.Get("Allow"), "GET, POST")
+
+	// ReadTimeout (20 ms here) bounds writing the reply, not the handler:
+	// one that takes longer still gets its reply out, by GET and by POST
+	// through net/http (chunked, so not on the fast path).
+	for _, call := range []func() (*http.Response, error){
+		func() (*http.Response, error) {
+			return http.Get(base + "/Greeter/Slow?encoding=json&message=" + url.QueryEscape(`{"name":"late"}`))
+		},
+		func() (*http.Response, error) {
+			body := io.MultiReader(strings.NewReader(`{"name":`), strings.NewReader(`"late"}`)) // no length: chunked
+			return http.Post(base+"/Greeter/Slow", "application/json", body)
+		},
+	} {
+		var rsp *http.Response
+		var body []byte
+		done := make(chan error, 1)
+		go func() {
+			var err error
+			if rsp, err = call(); err == nil {
+				body, err = io.ReadAll(rsp.Body)
+				rsp.Body.Close()
+			}
+			done <- err
+		}()
+		<-g.started
+		<-time.After(60 * time.Millisecond) // the slow handler: three times ReadTimeout
+		g.release <- struct{}{}
+		assertNoError(t, <-done)
+		assertEqual(t, rsp.StatusCode, 200)
+		assertEqual(t, strings.TrimSpace(string(body)), `{"message":"done late","node":"g"}`)
+	}
 }

@@ -297,10 +297,13 @@ func TestConnectClientGet(t *testing.T) {
 	if err := micro.RegisterHandler(srv, &Greeter{}, micro.HandlerName("interop.v1.Greeter"), micro.NoSideEffects("Hello")); err != nil {
 		t.Fatal(err)
 	}
-	var gets atomic.Int32
+	var gets, gzipped atomic.Int32
 	ts := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.Method == http.MethodGet {
 			gets.Add(1)
+			if q := r.URL.Query(); q.Get("compression") == "gzip" && q.Get("base64") == "1" {
+				gzipped.Add(1)
+			}
 		}
 		srv.ServeHTTP(w, r)
 	}))
@@ -310,10 +313,12 @@ func TestConnectClientGet(t *testing.T) {
 		opts []connect.ClientOption
 	}{
 		{"json", []connect.ClientOption{connect.WithProtoJSON()}},
-		{"json gzip", []connect.ClientOption{connect.WithProtoJSON(), connect.WithSendGzip()}},
+		// connect-go compresses a GET only when its URL would pass the
+		// size given; then the message goes in base64.
+		{"json gzip", []connect.ClientOption{connect.WithProtoJSON(), connect.WithSendGzip(), connect.WithHTTPGetMaxURLSize(1024, false)}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			before := gets.Load()
+			before, beforeGz := gets.Load(), gzipped.Load()
 			opts := append([]connect.ClientOption{connect.WithHTTPGet(), connect.WithIdempotency(connect.IdempotencyNoSideEffects)}, tc.opts...)
 			client := connect.NewClient[structpb.Struct, structpb.Struct](newHTTPClient(t), ts.URL+"/interop.v1.Greeter/Hello", opts...)
 			name := "Ada"
@@ -329,6 +334,9 @@ func TestConnectClientGet(t *testing.T) {
 			}
 			if n := gets.Load() - before; n != 1 {
 				t.Errorf("%d GET calls, want 1", n)
+			}
+			if n, want := gzipped.Load()-beforeGz, int32(strings.Count(tc.name, "gzip")); n != want {
+				t.Errorf("%d GET calls with a gzip-compressed, base64 message; want %d", n, want)
 			}
 		})
 	}
