@@ -413,9 +413,8 @@ var brokerClosedError = &Error{Code: CodeCanceled, Message: "micro: broker close
 // brokerSendersMax requests in flight to the node, counting the outer one
 // and any held by slow handlers: nested publishes to one node more than 15
 // levels deep, counting every chain in flight to it, wait until their
-// deadline. Senders end when they find the
-// queue empty, so under a load whose requests take over brokerStall, more
-// than one stays in flight.
+// deadline. Senders end when they find the queue empty, so under a load
+// whose requests take over brokerStall, more than one stays in flight.
 func (b *brokerHTTP) enqueue(addr string, it *brokerItem, inline bool) {
 	b.mu.Lock()
 	if b.closed {
