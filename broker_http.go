@@ -462,7 +462,13 @@ func (b *brokerHTTP) unstall(q *brokerNodeQueue) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	q.stallArmed = false
-	if b.closed || len(q.items) == 0 || b.nodes[q.addr] != q {
+	if b.closed || b.nodes[q.addr] != q {
+		return
+	}
+	// Deliveries whose publish has returned go now, not when a sender is
+	// free: with every sender held, they would keep their payloads queued.
+	q.items = slices.DeleteFunc(q.items, func(it *brokerItem) bool { return it.ctx.Err() != nil })
+	if len(q.items) == 0 {
 		return
 	}
 	started := q.taken == q.stallTaken && q.senders < brokerSendersMax

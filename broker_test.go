@@ -1034,6 +1034,39 @@ func TestBrokerQueuedDeliveriesLeaveInOneBatch(t *testing.T) {
 	}
 	assertEqual(t, got.Load(), int32(n))
 	assertEqual(t, requests.Load(), int32(2)) // the held one, and one for all n
+
+	// Deliveries whose publish gave up while they waited are let go at the
+	// next stall, not kept (payloads and all) until a sender is free: here
+	// the held request still holds the only one that is not between calls.
+	gaveUp, cancel := context.WithCancel(ctx)
+	for i := range n {
+		go func() { errs <- pub.Client().Publish(gaveUp, "batch.topic", &Message{Body: []byte{byte(i)}}) }()
+	}
+	for {
+		b.mu.Lock()
+		queued := len(q.items)
+		b.mu.Unlock()
+		if queued == n {
+			break
+		}
+		if ctx.Err() != nil {
+			t.Fatal("the deliveries did not queue")
+		}
+		runtime.Gosched()
+	}
+	cancel()
+	for range n {
+		assertCode(t, <-errs, CodeCanceled)
+	}
+	b.mu.Lock()
+	q.senders = brokerSendersMax // as if every sender were held: none starts
+	b.mu.Unlock()
+	b.unstall(q)
+	b.mu.Lock()
+	queued := len(q.items)
+	q.senders = 1
+	b.mu.Unlock()
+	assertEqual(t, queued, 0)
 	close(release)
 	assertNoError(t, <-first)
 }
