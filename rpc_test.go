@@ -890,3 +890,39 @@ func TestGetNoSideEffects(t *testing.T) {
 		assertEqual(t, strings.TrimSpace(string(body)), `{"message":"done late","node":"g"}`)
 	}
 }
+
+// FuzzServeGet sends arbitrary queries to methods that answer GET: the
+// reply is a result or a well-formed Connect error, never a panic.
+func FuzzServeGet(f *testing.F) {
+	f.Add("/Greeter/Hello", "encoding=json&message="+url.QueryEscape(`{"name":"ada"}`))
+	f.Add("/Greeter/Hello", "connect=v1&encoding=json&base64=1&message=eyJuYW1lIjoiYiJ9")
+	f.Add("/Greeter/Hello", "encoding=json&base64=1&compression=gzip&message=H4sIAAAAAAAA_w")
+	f.Add("/Echo/Struct", "encoding=gob&message=%1f%ff")
+	f.Add("/Echo/Bytes", "encoding=octet-stream&message=%00;x")
+	srv := NewServer(MaxBodySize(4096), WithCodec(GobCodec{}))
+	if err := RegisterHandler(srv, &Greeter{id: "f"}, NoSideEffects("Hello")); err != nil {
+		f.Fatal(err)
+	}
+	if err := RegisterHandler(srv, &Echo{}, NoSideEffects("Struct", "Bytes", "Text")); err != nil {
+		f.Fatal(err)
+	}
+	f.Fuzz(func(t *testing.T, path, query string) {
+		if strings.Contains(path, "Wait") || strings.Contains(path, "Slow") {
+			return // they block until told, by design
+		}
+		req := httptest.NewRequest(http.MethodGet, "/", nil)
+		req.URL.Path, req.URL.RawQuery = path, query
+		rec := httptest.NewRecorder()
+		srv.ServeHTTP(rec, req)
+		if rec.Code == 200 {
+			return
+		}
+		var wire rpcWireError
+		if err := json.Unmarshal(rec.Body.Bytes(), &wire); err != nil {
+			t.Fatalf("status %d with a body that is not a Connect error: %q", rec.Code, rec.Body.String())
+		}
+		if _, ok := ParseCode(wire.Code); !ok {
+			t.Fatalf("unknown code %q", wire.Code)
+		}
+	})
+}
