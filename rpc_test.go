@@ -547,18 +547,7 @@ func FuzzServeUnary(f *testing.F) {
 		if encoding != "" {
 			req.Header.Set("Content-Encoding", encoding)
 		}
-		rec := httptest.NewRecorder()
-		srv.ServeHTTP(rec, req)
-		if rec.Code == 200 {
-			return
-		}
-		var wire rpcWireError
-		if err := json.Unmarshal(rec.Body.Bytes(), &wire); err != nil {
-			t.Fatalf("status %d with a body that is not a Connect error: %q", rec.Code, rec.Body.String())
-		}
-		if _, ok := ParseCode(wire.Code); !ok {
-			t.Fatalf("unknown code %q", wire.Code)
-		}
+		testServeConnect(t, srv, req)
 	})
 }
 
@@ -912,17 +901,23 @@ func FuzzServeGet(f *testing.F) {
 		}
 		req := httptest.NewRequest(http.MethodGet, "/", nil)
 		req.URL.Path, req.URL.RawQuery = path, query
-		rec := httptest.NewRecorder()
-		srv.ServeHTTP(rec, req)
-		if rec.Code == 200 {
-			return
-		}
-		var wire rpcWireError
-		if err := json.Unmarshal(rec.Body.Bytes(), &wire); err != nil {
-			t.Fatalf("status %d with a body that is not a Connect error: %q", rec.Code, rec.Body.String())
-		}
-		if _, ok := ParseCode(wire.Code); !ok {
-			t.Fatalf("unknown code %q", wire.Code)
-		}
+		testServeConnect(t, srv, req)
 	})
+}
+
+// testServeConnect serves req and checks that the reply is a result or a
+// well-formed Connect error.
+func testServeConnect(t *testing.T, srv *Server, req *http.Request) {
+	rec := httptest.NewRecorder()
+	srv.ServeHTTP(rec, req)
+	if rec.Code == 200 {
+		return
+	}
+	var wire rpcWireError
+	if err := json.Unmarshal(rec.Body.Bytes(), &wire); err != nil {
+		t.Fatalf("status %d with a body that is not a Connect error: %q", rec.Code, rec.Body.String())
+	}
+	if _, ok := ParseCode(wire.Code); !ok {
+		t.Fatalf("unknown code %q", wire.Code)
+	}
 }
