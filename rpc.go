@@ -847,7 +847,10 @@ func rpcDecodeBody(raw []byte, encoding string, limit int64) ([]byte, error) {
 	if err != nil {
 		return nil, Errorf(CodeInvalidArgument, "malformed gzip body: %v", err)
 	}
-	defer rpcGzipReaders.Put(zr)
+	defer func() {
+		zr.Reset(bytes.NewReader(nil)) // let go of raw: a pooled reader must not keep a body alive
+		rpcGzipReaders.Put(zr)
+	}()
 	var buf bytes.Buffer
 	_, err = buf.ReadFrom(io.LimitReader(zr, limit+1))
 	switch {
